@@ -1,0 +1,61 @@
+"""Names and schemas shared by the pipelines, the Feast repository and the serving graph.
+
+Feast loads ``feature_repo/`` in its own process, so every name that both sides use lives here,
+and ``tests/test_feature_repo.py`` checks that the registered definitions agree with it.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Behaviour types in the order of their codes. Code 0 is reserved for padding.
+BEHAVIORS: tuple[str, ...] = ("pv", "cart", "fav", "buy")
+BEHAVIOR_CODES: dict[str, int] = {name: code for code, name in enumerate(BEHAVIORS, start=1)}
+
+# Padding id for items, categories and behaviours in every model input.
+PADDING_ID = 0
+
+# Number of most recent events kept in a user's online sequence.
+SEQUENCE_LENGTH = 50
+
+# Number of co-visitation neighbours kept per item.
+NEIGHBORS_PER_ITEM = 20
+
+USER_ENTITY = "user"
+ITEM_ENTITY = "item"
+USER_ID = "user_id"
+ITEM_ID = "item_id"
+CATEGORY_ID = "category_id"
+BEHAVIOR = "behavior"
+EVENT_TIMESTAMP = "event_timestamp"
+
+USER_SEQUENCE_VIEW = "user_sequence"
+ITEM_STATS_VIEW = "item_stats"
+ITEM_NEIGHBORS_VIEW = "item_neighbors"
+
+# List features of the user_sequence feature view, oldest event first.
+SEQUENCE_ITEM_IDS = "item_ids"
+SEQUENCE_CATEGORY_IDS = "category_ids"
+SEQUENCE_BEHAVIORS = "behaviors"
+SEQUENCE_TIMESTAMPS_S = "timestamps_s"
+SEQUENCE_FIELDS = (SEQUENCE_ITEM_IDS, SEQUENCE_CATEGORY_IDS, SEQUENCE_BEHAVIORS, SEQUENCE_TIMESTAMPS_S)
+
+ITEM_STATS_FIELDS = ("pv_count", "cart_count", "fav_count", "buy_count", "buy_per_pv")
+
+NEIGHBOR_IDS = "neighbor_ids"
+NEIGHBOR_SCORES = "neighbor_scores"
+
+# Feature services: what each serving stage reads.
+RANKING_SERVICE = "ranking_features"
+CANDIDATE_SERVICE = "candidate_features"
+
+EVENTS_SCHEMA = pa.schema(
+    [
+        pa.field(USER_ID, pa.int64(), nullable=False),
+        pa.field(ITEM_ID, pa.int64(), nullable=False),
+        pa.field(CATEGORY_ID, pa.int64(), nullable=False),
+        pa.field(BEHAVIOR, pa.string(), nullable=False),
+        pa.field(EVENT_TIMESTAMP, pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+"""Canonical events schema that every ingestion path produces."""
