@@ -1,0 +1,86 @@
+"""Feast definitions of seqrec's entities, feature views and feature services.
+
+The offline sources are written by ``python -m training.features`` into ``data/offline/``.
+Names and the sequence length come from ``training.schema``, which the pipelines and the serving
+graph share.
+"""
+
+from datetime import timedelta
+
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
+from feast.types import Array, Float64, Int64, String
+
+from training import schema
+
+user = Entity(
+    name=schema.USER_ENTITY,
+    join_keys=[schema.USER_ID],
+    value_type=ValueType.INT64,
+    description="A shopper, keyed by the raw user id of the event log.",
+)
+item = Entity(
+    name=schema.ITEM_ENTITY,
+    join_keys=[schema.ITEM_ID],
+    value_type=ValueType.INT64,
+    description="A catalogue item, keyed by the raw item id of the event log.",
+)
+
+
+def _offline_source(view_name: str) -> FileSource:
+    return FileSource(
+        name=f"{view_name}_source",
+        path=f"data/offline/{view_name}",
+        timestamp_field=schema.EVENT_TIMESTAMP,
+    )
+
+
+user_sequence_push = PushSource(
+    name=f"{schema.USER_SEQUENCE_VIEW}_push",
+    batch_source=_offline_source(schema.USER_SEQUENCE_VIEW),
+    description="Real-time updates of a user's sequence, pushed by the serving graph.",
+)
+
+user_sequence = FeatureView(
+    name=schema.USER_SEQUENCE_VIEW,
+    entities=[user],
+    # A zero TTL keeps the latest row of every user, however old.
+    ttl=timedelta(0),
+    schema=[
+        Field(name=schema.SEQUENCE_ITEM_IDS, dtype=Array(Int64), description="item ids, oldest first"),
+        Field(name=schema.SEQUENCE_CATEGORY_IDS, dtype=Array(Int64), description="category id of each item"),
+        Field(name=schema.SEQUENCE_BEHAVIORS, dtype=Array(String), description="pv, cart, fav or buy"),
+        Field(name=schema.SEQUENCE_TIMESTAMPS_S, dtype=Array(Int64), description="event times, Unix seconds"),
+    ],
+    source=user_sequence_push,
+    description=f"The last {schema.SEQUENCE_LENGTH} events of each user.",
+)
+
+item_stats = FeatureView(
+    name=schema.ITEM_STATS_VIEW,
+    entities=[item],
+    ttl=timedelta(0),
+    schema=[
+        Field(name="pv_count", dtype=Int64),
+        Field(name="cart_count", dtype=Int64),
+        Field(name="fav_count", dtype=Int64),
+        Field(name="buy_count", dtype=Int64),
+        Field(name="buy_per_pv", dtype=Float64, description="buy count divided by pv count, 0 without pv"),
+    ],
+    source=_offline_source(schema.ITEM_STATS_VIEW),
+    description="Event counts of each item by behaviour type.",
+)
+
+item_neighbors = FeatureView(
+    name=schema.ITEM_NEIGHBORS_VIEW,
+    entities=[item],
+    ttl=timedelta(0),
+    schema=[
+        Field(name=schema.NEIGHBOR_IDS, dtype=Array(Int64), description="co-visited items, best first"),
+        Field(name=schema.NEIGHBOR_SCORES, dtype=Array(Float64), description="co-visitation score of each"),
+    ],
+    source=_offline_source(schema.ITEM_NEIGHBORS_VIEW),
+    description=f"Top {schema.NEIGHBORS_PER_ITEM} co-visited items of each item, weighted by behaviour.",
+)
+
+ranking_features = FeatureService(name=schema.RANKING_SERVICE, features=[user_sequence])
+candidate_features = FeatureService(name=schema.CANDIDATE_SERVICE, features=[item_neighbors, item_stats])
