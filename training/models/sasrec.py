@@ -1,0 +1,115 @@
+"""SASRec-style causal transformer for next-item prediction, with optional side information.
+
+Shapes: B batch, L sequence length, D hidden size, N item index space (padding included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from training.models.base import SequenceBatch, SequenceRanker
+from training.schema import BEHAVIORS, PADDING_ID
+
+
+@dataclasses.dataclass(frozen=True)
+class SASRecConfig:
+    """Architecture of a SASRec model. Vocabulary sizes include the padding index 0."""
+
+    num_items: int
+    num_categories: int
+    max_length: int = 50
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    dropout: float = 0.2
+    use_category: bool = True
+    use_behavior: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_items < 2:
+            raise ValueError(f"num_items must count padding and at least one item, got {self.num_items}")
+        if self.num_categories < 1:
+            raise ValueError(f"num_categories must be at least 1 (padding), got {self.num_categories}")
+        for name in ("max_length", "hidden_size", "num_layers", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class SASRec(SequenceRanker):
+    """Causal self-attention over a user's events; item embeddings are shared with the output layer."""
+
+    def __init__(self, config: SASRecConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_items = config.num_items
+        d = config.hidden_size
+        self.item_embedding = nn.Embedding(config.num_items, d, padding_idx=PADDING_ID)
+        self.position_embedding = nn.Embedding(config.max_length, d)
+        self.category_embedding = (
+            nn.Embedding(config.num_categories, d, padding_idx=PADDING_ID) if config.use_category else None
+        )
+        self.behavior_embedding = (
+            nn.Embedding(len(BEHAVIORS) + 1, d, padding_idx=PADDING_ID) if config.use_behavior else None
+        )
+        self.input_dropout = nn.Dropout(config.dropout)
+        layer = nn.TransformerEncoderLayer(
+            d_model=d,
+            nhead=config.num_heads,
+            dim_feedforward=4 * d,
+            dropout=config.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
+        self.output_norm = nn.LayerNorm(d)
+        nn.init.normal_(self.item_embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.item_embedding.weight[PADDING_ID].zero_()
+
+    def hidden_states(self, batch: SequenceBatch) -> torch.Tensor:
+        """Contextual state at every position: (B, L, D). Position t sees only positions up to t."""
+        item_ids = batch.item_ids
+        length = item_ids.shape[1]
+        if length > self.config.max_length:
+            raise ValueError(f"sequence length {length} exceeds max_length {self.config.max_length}")
+        is_item = item_ids != PADDING_ID  # (B, L)
+
+        # Positions count back from the most recent event, so left padding does not shift them.
+        positions = torch.arange(self.config.max_length - length, self.config.max_length, device=item_ids.device)
+        x = self.item_embedding(item_ids) * self.config.hidden_size**0.5 + self.position_embedding(positions)
+        if self.category_embedding is not None:
+            x = x + self.category_embedding(batch.category_ids)
+        if self.behavior_embedding is not None:
+            x = x + self.behavior_embedding(batch.behaviors)
+        x = self.input_dropout(x) * is_item.unsqueeze(-1)
+
+        # Query t may attend to key s when s <= t and s is an item. Each position may also attend
+        # to itself, so padded rows stay finite; their outputs are never read.
+        causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=item_ids.device))
+        allowed = causal & (is_item.unsqueeze(1) | torch.eye(length, dtype=torch.bool, device=item_ids.device))
+        blocked = ~allowed.repeat_interleave(self.config.num_heads, dim=0)  # (B * heads, L, L)
+        x = self.encoder(x, mask=blocked)
+        return self.output_norm(x) * is_item.unsqueeze(-1)
+
+    def forward(self, batch: SequenceBatch) -> torch.Tensor:
+        return self.hidden_states(batch)
+
+    def encode(self, batch: SequenceBatch) -> torch.Tensor:
+        """User state from the most recent event: (B, D)."""
+        return self.hidden_states(batch)[:, -1]
+
+    def score_all(self, state: torch.Tensor) -> torch.Tensor:
+        scores = state @ self.item_embedding.weight.T  # (B, N)
+        scores[:, PADDING_ID] = float("-inf")
+        return scores
+
+    def _score_candidates(self, state: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bd,bcd->bc", state, self.item_embedding(candidates))
