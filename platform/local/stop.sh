@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Stop the local stack that demo.sh started: the Serve application, then the Ray cluster.
+set -uo pipefail
+source "$(dirname "$0")/env.sh"
+if ray status --address "$RAY_GCS_ADDRESS" >/dev/null 2>&1; then
+  serve shutdown --address "$RAY_GCS_ADDRESS" --yes >/dev/null 2>&1 || true
+  ray stop >/dev/null
+  echo "Stopped the seqrec service and the local Ray cluster."
+else
+  echo "No local Ray cluster is running."
+fi
