@@ -25,5 +25,6 @@ demo: install
 stop:
 	bash platform/local/stop.sh
 
+# pytest exits with 5 when it collects no tests; that is not a failure of the suite.
 test: install
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q tests; status=$$?; if [ $$status -eq 5 ]; then exit 0; fi; exit $$status

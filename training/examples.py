@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from ray.data.expressions import col
 
 from training.features import _add_bucket, _BUCKET, sort_user_events
 from training.schema import BEHAVIOR, BEHAVIORS, CATEGORY_ID, ITEM_ID, PADDING_ID, USER_ID
@@ -128,13 +129,13 @@ def build_examples(events_path: str, sequence_length: int, rows_per_bucket: int 
         )
         .materialize()
     )
-    splits = {name: examples.filter(expr=f"{SPLIT} == '{name}'").materialize() for name in (TRAIN, VALIDATION, TEST)}
+    splits = {name: examples.filter(expr=col(SPLIT) == name).materialize() for name in (TRAIN, VALIDATION, TEST)}
 
     # Training events per item: all events, less the validation and test targets.
     counts = np.zeros(item_vocab.size_with_padding, dtype=np.int64)
     counts[item_vocab.lookup(item_counts[ITEM_ID].to_numpy())] = item_counts["count()"].to_numpy()
     held_out = (
-        examples.filter(expr=f"{SPLIT} != '{TRAIN}'")
+        examples.filter(expr=col(SPLIT) != TRAIN)
         .map_batches(_last_targets, batch_format="pyarrow")
         .groupby(TARGETS)
         .count()
