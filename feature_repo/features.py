@@ -1,10 +1,12 @@
 """Feast definitions of seqrec's entities, feature views and feature services.
 
-The offline sources are written by ``python -m training.features`` into ``data/offline/``.
-Names and the sequence length come from ``training.schema``, which the pipelines and the serving
-graph share.
+The offline sources are written by ``python -m training.features`` into ``data/offline/``, or
+into the folder or URI that ``SEQREC_OFFLINE_DIR`` names when ``feast apply`` runs (for example
+``s3://bucket/seqrec/offline`` on a cluster). Names and the sequence length come from
+``training.schema``, which the pipelines and the serving graph share.
 """
 
+import os
 from datetime import timedelta
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
@@ -26,10 +28,13 @@ item = Entity(
 )
 
 
+OFFLINE_DIR = os.environ.get("SEQREC_OFFLINE_DIR", "data/offline").rstrip("/")
+
+
 def _offline_source(view_name: str) -> FileSource:
     return FileSource(
         name=f"{view_name}_source",
-        path=f"data/offline/{view_name}",
+        path=f"{OFFLINE_DIR}/{view_name}",
         timestamp_field=schema.EVENT_TIMESTAMP,
     )
 

@@ -1,7 +1,7 @@
 """Ray Serve application: HTTP ingress -> FeatureLookup -> CandidateGenerator -> Ranker.
 
 Build it with ``serve run serving.app:build_app feature_repo=<path> model_dir=<path>``.
-Each deployment wraps one plain class from ``serving.stages`` and asks for a fraction of a CPU,
+Each deployment wraps one plain class from ``serving.stages`` and requests a fraction of a CPU,
 so the whole graph fits on a 2-core machine.
 """
 
@@ -26,6 +26,7 @@ from serving.stages import (
     cold_start,
     complete,
 )
+from training import storage
 
 logger = logging.getLogger("seqrec.serving")
 
@@ -58,7 +59,7 @@ class RankerDeployment:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def rank(self, requests: list[tuple[UserSequence, list[int], int]]) -> list[list]:
-        # One model call for the whole batch; every request gets exactly one answer.
+        # One model call for the whole batch, and exactly one output per request.
         k_max = max(k for _, _, k in requests)
         ranked = self.stage.rank([r[0] for r in requests], [r[1] for r in requests], k_max)
         return [items[:k] for items, (_, _, k) in zip(ranked, requests)]
@@ -104,12 +105,16 @@ class Ingress:
 
 
 def build_app(args: dict) -> Application:
-    """Build the serving graph from ``feature_repo``, ``model_dir`` and optional ``model_version``."""
+    """Build the serving graph from ``feature_repo``, ``model_dir`` and optional ``model_version``.
+
+    ``feature_repo`` is a local folder with ``feature_store.yaml``. ``model_dir`` is a local path
+    or a URI such as ``s3://bucket/models``.
+    """
     missing = [name for name in ("feature_repo", "model_dir") if not args.get(name)]
     if missing:
         raise ValueError(f"missing application arguments {missing}; pass e.g. feature_repo=feature_repo")
     feature_repo = str(Path(args["feature_repo"]).resolve())
-    model_dir = str(Path(args["model_dir"]).resolve())
+    model_dir = storage.normalize(args["model_dir"])
     return Ingress.bind(
         FeatureLookupDeployment.bind(feature_repo),
         CandidateGeneratorDeployment.bind(feature_repo),

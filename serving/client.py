@@ -16,14 +16,17 @@ import httpx
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from training import storage
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 # Raw ids in the supported logs are positive, so this user is never known.
 UNKNOWN_USER_ID = -1
 
 
-def sample_users(events_path: str, count: int) -> list[int]:
+def sample_users(events_location: str, count: int) -> list[int]:
     """The ``count`` users with the most events, most active first (ties by smaller id)."""
-    users = pq.read_table(events_path, columns=["user_id"])["user_id"]
+    filesystem, path = storage.resolve(events_location)
+    users = pq.read_table(path, columns=["user_id"], filesystem=filesystem)["user_id"]
     counts = pc.value_counts(users)
     order = pc.sort_indices(counts, [("counts", "descending"), ("values", "ascending")])
     return counts.take(order).field("values").to_pylist()[:count]
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", default=DEFAULT_URL, help=f"service address (default {DEFAULT_URL})")
     parser.add_argument("--user-id", type=int, action="append", default=[], help="user to ask for; repeatable")
     parser.add_argument("--sample-users", type=int, default=0, help="also ask for this many users from --events")
-    parser.add_argument("--events", help="canonical events Parquet to sample users from")
+    parser.add_argument("--events", help="canonical events Parquet (path or URI) to sample users from")
     parser.add_argument("--unknown-user", action="store_true", help="also ask for a user the service cannot know")
     parser.add_argument("--k", type=int, default=10, help="items per user")
     parser.add_argument("--timeout-s", type=float, default=30.0, help="HTTP timeout in seconds")

@@ -33,7 +33,7 @@ def feast_apply(repo: Path) -> None:
         raise RuntimeError(f"feast apply failed in {repo}:\n{result.stdout}\n{result.stderr}")
 
 
-def write_random_artifact(model_dir: Path, item_ids, category_ids, item_counts=None, seed: int = 0) -> Path:
+def write_random_artifact(model_dir, item_ids, category_ids, item_counts=None, seed: int = 0) -> str:
     """Write an artefact with an untrained SASRec over the given raw ids."""
     item_vocab, category_vocab = Vocabulary(np.asarray(item_ids)), Vocabulary(np.asarray(category_ids))
     config = SASRecConfig(

@@ -1,12 +1,14 @@
 """The whole path on the real Taobao sample: ingest, Ray Data features, Feast, Ray Train, Ray Serve, HTTP."""
 
 import json
+import re
+from pathlib import Path
 
 import httpx
 import pytest
 
 from conftest import real_data_path
-from helpers import copy_feature_repo, feast_apply
+from helpers import PROJECT_ROOT, copy_feature_repo, feast_apply
 from serving.client import sample_users
 from training.events import ingest_taobao_csv
 from training.features import run_feature_job
@@ -50,7 +52,7 @@ def test_ingest_quarantines_truncated_last_line(served_stack):
 
 
 def test_model_beats_popularity_on_same_split(served_stack):
-    metrics = json.loads((served_stack["artifact"] / "metrics.json").read_text())
+    metrics = json.loads((Path(served_stack["artifact"]) / "metrics.json").read_text())
     assert metrics["users_evaluated"] == 815
     assert metrics["sasrec"]["test"]["ndcg@10"] > metrics["popularity"]["test"]["ndcg@10"]
     assert metrics["sasrec"]["test"]["hr@10"] > metrics["popularity"]["test"]["hr@10"]
@@ -58,7 +60,7 @@ def test_model_beats_popularity_on_same_split(served_stack):
 
 def test_http_recommendations_for_real_users(served_stack):
     users = sample_users(served_stack["report"].events_path, 3)
-    version = served_stack["artifact"].name
+    version = Path(served_stack["artifact"]).name
     with httpx.Client(base_url=f"http://127.0.0.1:{SERVE_PORT}", timeout=30) as client:
         for user_id in users:
             response = client.post("/v1/recommend", json={"user_id": user_id, "k": K})
@@ -88,3 +90,49 @@ def test_http_rejects_invalid_k_naming_field(served_stack):
         response = client.post("/v1/recommend", json={"user_id": 1, "k": 0})
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["body", "k"]
+
+
+def json_shape(value):
+    """The structure of a JSON value with types in place of values; numbers are one type."""
+    if isinstance(value, dict):
+        return {key: json_shape(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [json_shape(value[0])] if value else []
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return type(value).__name__
+
+
+def documented_examples():
+    """(method, path, status, request body or None, response body) for each example in docs/api.md."""
+    text = (PROJECT_ROOT / "docs" / "api.md").read_text()
+    marker = re.compile(r"<!-- example: (GET|POST) (\S+) (\d{3}) -->")
+    block = re.compile(r"```json\n(.*?)\n```", re.S)
+    examples = []
+    for match in marker.finditer(text):
+        following = text[match.end() :]
+        next_marker = marker.search(following)
+        bodies = [json.loads(body) for body in block.findall(following[: next_marker.start() if next_marker else None])]
+        method, path, status = match.group(1), match.group(2), int(match.group(3))
+        request = bodies[0] if method == "POST" else None
+        examples.append((method, path, status, request, bodies[-1]))
+    return examples
+
+
+def test_api_docs_have_examples():
+    examples = documented_examples()
+    assert len(examples) >= 5
+    assert {(method, path) for method, path, *_ in examples} >= {("POST", "/v1/recommend"), ("GET", "/healthz")}
+
+
+def test_api_docs_examples_match_service(served_stack):
+    with httpx.Client(base_url=f"http://127.0.0.1:{SERVE_PORT}", timeout=30) as client:
+        for method, path, status, request, documented in documented_examples():
+            response = client.request(method, path, json=request)
+            assert response.status_code == status, (method, path, request, response.text)
+            body = response.json()
+            assert json_shape(body) == json_shape(documented), (method, path, request, body)
+            for item in body.get("items", []):
+                assert json_shape(item) == json_shape(documented["items"][0])

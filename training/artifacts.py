@@ -8,8 +8,8 @@ An artefact is one folder ``<model_dir>/<version>/`` holding:
 - ``item_counts.npy``: training events per item index, for the popularity fallback;
 - ``metrics.json``: validation and test metrics at the best epoch, for the model and the baseline.
 
-A version folder is written under a temporary name and renamed when complete, and
-``<model_dir>/LATEST`` names the newest complete version, so a reader never sees half an artefact.
+``<model_dir>/LATEST`` names the newest complete version and is written after the version's
+files, so a reader never sees half an artefact. ``model_dir`` may be a local path or a URI.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from training import storage
 from training.models import PopularityRanker, SASRec, SASRecConfig
 from training.vocab import Vocabulary
 
@@ -39,7 +41,8 @@ class ModelArtifact:
     """A loaded artefact: the model, its vocabularies and the popularity baseline trained with it."""
 
     version: str
-    path: Path
+    location: str
+    """Local path or URI of the version folder."""
     model: SASRec
     item_vocab: Vocabulary
     category_vocab: Vocabulary
@@ -64,17 +67,22 @@ def write_artifact(
     item_counts: np.ndarray,
     metrics: dict,
     run_info: dict,
-) -> Path:
-    """Write a complete artefact version and point LATEST at it; return its folder."""
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    final = model_dir / version
-    if final.exists():
-        raise FileExistsError(f"model version {version} already exists in {model_dir}")
-    staging = model_dir / f".{version}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+) -> str:
+    """Write a complete artefact version and point LATEST at it; return the version's location.
 
+    ``model_dir`` is a local path or a URI. Locally the version folder appears by one rename. On an
+    object store its files are uploaded first, and LATEST, written last, is what makes it visible.
+    """
+    model_dir = storage.normalize(model_dir)
+    final = storage.join(model_dir, version)
+    if storage.exists(final):
+        raise FileExistsError(f"model version {version} already exists in {model_dir}")
+    storage.make_dirs(model_dir)
+
+    local = not storage.has_scheme(model_dir)
+    staging = Path(model_dir) / f".{version}.partial" if local else Path(tempfile.mkdtemp(prefix="seqrec-model-"))
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     torch.save(model_state, staging / "model.pt")
     item_vocab.save(staging / "item_vocab.npy")
     category_vocab.save(staging / "category_vocab.npy")
@@ -82,42 +90,51 @@ def write_artifact(
     config = {"version": version, "model": dataclasses.asdict(model_config), **run_info}
     (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    os.replace(staging, final)
 
-    pointer = model_dir / f".{LATEST}.partial"
-    pointer.write_text(version + "\n")
-    os.replace(pointer, model_dir / LATEST)
+    if local:
+        os.replace(staging, final)
+        pointer = Path(model_dir) / f".{LATEST}.partial"
+        pointer.write_text(version + "\n")
+        os.replace(pointer, Path(model_dir) / LATEST)
+    else:
+        storage.upload_dir(staging, final)
+        shutil.rmtree(staging, ignore_errors=True)
+        storage.write_text(storage.join(model_dir, LATEST), version + "\n")
     logger.info("Wrote model artefact %s to %s", version, final)
     return final
 
 
-def resolve_version(model_dir: str | Path, version: str = "latest") -> Path:
-    """Return the folder of a version, where ``latest`` reads the LATEST pointer."""
-    model_dir = Path(model_dir)
+def resolve_version(model_dir: str | Path, version: str = "latest") -> str:
+    """Return the location of a version, where ``latest`` reads the LATEST pointer."""
+    model_dir = storage.normalize(model_dir)
     if version == "latest":
-        pointer = model_dir / LATEST
-        if not pointer.is_file():
+        pointer = storage.join(model_dir, LATEST)
+        if not storage.exists(pointer):
             raise FileNotFoundError(
                 f"no model artefact in {model_dir}: {LATEST} is missing; train a model with "
                 "`python -m training.train` first"
             )
-        version = pointer.read_text().strip()
-    path = model_dir / version
-    if not (path / "model.pt").is_file():
+        version = storage.read_text(pointer).strip()
+    location = storage.join(model_dir, version)
+    if not storage.exists(storage.join(location, "model.pt")):
         raise FileNotFoundError(f"model version {version!r} not found in {model_dir}")
-    return path
+    return location
 
 
 def load_artifact(model_dir: str | Path, version: str = "latest") -> ModelArtifact:
-    """Load an artefact version for inference; the model is in eval mode."""
-    path = resolve_version(model_dir, version)
+    """Load an artefact version for inference; the model is in eval mode.
+
+    An artefact on an object store is first copied into a local temporary folder.
+    """
+    location = resolve_version(model_dir, version)
+    path = Path(location) if not storage.has_scheme(location) else storage.download_dir(location)
     config = json.loads((path / "config.json").read_text())
     model = SASRec(SASRecConfig(**config["model"]))
     model.load_state_dict(torch.load(path / "model.pt", weights_only=True))
     model.eval()
     return ModelArtifact(
         version=config["version"],
-        path=path,
+        location=location,
         model=model,
         item_vocab=Vocabulary.load(path / "item_vocab.npy"),
         category_vocab=Vocabulary.load(path / "category_vocab.npy"),

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from training import storage
 from training.schema import BEHAVIOR, BEHAVIORS, CATEGORY_ID, EVENT_TIMESTAMP, EVENTS_SCHEMA, ITEM_ID, USER_ID
 
 logger = logging.getLogger(__name__)
@@ -63,19 +64,21 @@ def ingest_taobao_csv(source: str | Path, output_dir: str | Path) -> IngestRepor
 
     The CSV has no header and the columns ``user_id,item_id,category_id,behavior_type,timestamp``
     (Unix seconds). Writes ``events.parquet``, ``quarantine.csv`` and ``ingest_report.json`` into
-    ``output_dir`` and returns the report. The file is read in blocks, so memory stays bounded
-    whatever its size.
+    ``output_dir`` and returns the report. Both locations may be local paths or URIs. The file is
+    read in blocks, so memory stays bounded whatever its size.
     """
-    source = Path(source)
-    if not source.is_file():
+    source, output_dir = storage.normalize(source), storage.normalize(output_dir)
+    if not storage.exists(source):
         raise FileNotFoundError(f"events file not found: {source}")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    storage.make_dirs(output_dir)
     report = IngestReport(
-        source=str(source),
-        events_path=str(output_dir / "events.parquet"),
-        quarantine_path=str(output_dir / "quarantine.csv"),
+        source=source,
+        events_path=storage.join(output_dir, "events.parquet"),
+        quarantine_path=storage.join(output_dir, "quarantine.csv"),
     )
+    source_fs, source_path = storage.resolve(source)
+    events_fs, events_path = storage.resolve(report.events_path)
+    quarantine_fs, quarantine_path = storage.resolve(report.quarantine_path)
 
     malformed_lines: list[str] = []
 
@@ -83,8 +86,9 @@ def ingest_taobao_csv(source: str | Path, output_dir: str | Path) -> IngestRepor
         malformed_lines.append(row.text)
         return "skip"
 
+    input_stream = source_fs.open_input_stream(source_path)
     reader = pacsv.open_csv(
-        source,
+        input_stream,
         read_options=pacsv.ReadOptions(
             column_names=list(TAOBAO_COLUMNS), block_size=_READ_BLOCK_SIZE_BYTES, use_threads=False
         ),
@@ -92,8 +96,10 @@ def ingest_taobao_csv(source: str | Path, output_dir: str | Path) -> IngestRepor
         convert_options=pacsv.ConvertOptions(column_types={name: pa.string() for name in TAOBAO_COLUMNS}),
     )
     with (
-        pq.ParquetWriter(report.events_path, EVENTS_SCHEMA) as events_writer,
-        pacsv.CSVWriter(report.quarantine_path, QUARANTINE_SCHEMA) as quarantine_writer,
+        input_stream,
+        pq.ParquetWriter(events_path, EVENTS_SCHEMA, filesystem=events_fs) as events_writer,
+        quarantine_fs.open_output_stream(quarantine_path) as quarantine_stream,
+        pacsv.CSVWriter(quarantine_stream, QUARANTINE_SCHEMA) as quarantine_writer,
     ):
         for batch in reader:
             report.rows_read += batch.num_rows
@@ -109,7 +115,7 @@ def ingest_taobao_csv(source: str | Path, output_dir: str | Path) -> IngestRepor
                 pa.table({"reason": [MALFORMED] * len(malformed_lines), "raw": malformed_lines}, QUARANTINE_SCHEMA)
             )
 
-    Path(output_dir / "ingest_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    storage.write_text(storage.join(output_dir, "ingest_report.json"), json.dumps(report.to_dict(), indent=2))
     if report.rows_rejected:
         logger.warning(
             "Quarantined %d of %d rows from %s: %s (see %s)",
@@ -174,10 +180,11 @@ def _value_counts(values: pa.Array) -> tuple[list[str], list[int]]:
     return counts.field("values").to_pylist(), counts.field("counts").to_pylist()
 
 
-def read_events(path: str | Path) -> pa.Table:
+def read_events(location: str | Path) -> pa.Table:
     """Read canonical events Parquet and check that it matches the events schema."""
-    table = pq.read_table(path)
+    filesystem, path = storage.resolve(location)
+    table = pq.read_table(path, filesystem=filesystem)
     missing = [name for name in EVENTS_SCHEMA.names if name not in table.column_names]
     if missing:
-        raise ValueError(f"{path} is missing event columns {missing}; expected {EVENTS_SCHEMA.names}")
+        raise ValueError(f"{location} is missing event columns {missing}; expected {EVENTS_SCHEMA.names}")
     return table.select(EVENTS_SCHEMA.names).cast(EVENTS_SCHEMA)

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import ray
 from ray.data.expressions import col
 
+from training import storage
 from training.features import _add_bucket, _BUCKET, sort_user_events
 from training.schema import BEHAVIOR, BEHAVIORS, CATEGORY_ID, ITEM_ID, PADDING_ID, USER_ID
 from training.vocab import Vocabulary
@@ -109,6 +110,7 @@ def _rows(split: str, user_ids: np.ndarray, arrays: dict[str, np.ndarray]) -> pa
 
 def build_examples(events_path: str, sequence_length: int, rows_per_bucket: int = 2_000_000) -> Examples:
     """Build the examples of all splits from canonical events Parquet with Ray Data."""
+    events_path = storage.normalize(events_path)
     events = ray.data.read_parquet(events_path)
     num_events = events.count()
     if num_events == 0:

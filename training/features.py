@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from training import storage
 from training.schema import (
     BEHAVIOR,
     BEHAVIORS,
@@ -211,12 +211,6 @@ def count_item_behaviors(events: pa.Table) -> pa.Table:
     return pa.table(columns)
 
 
-def _add_bucket(batch: pa.Table, num_buckets: int) -> pa.Table:
-    # Multiplicative hashing spreads sequential and sparse ids alike; the result is non-negative.
-    hashed = (batch[USER_ID].to_numpy().astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
-    return batch.append_column(_BUCKET, pa.array((hashed % np.uint64(num_buckets)).astype(np.int64)))
-
-
 def item_stats_rows(counts: pa.Table, as_of: pa.Scalar) -> pa.Table:
     """Finish ``item_stats`` rows from summed behaviour counts: add buy/pv and the feature timestamp."""
     counts = counts.rename_columns([name.removeprefix("sum(").removesuffix(")") for name in counts.column_names])
@@ -239,6 +233,7 @@ def run_feature_job(events_path: str, output_dir: str, config: FeatureConfig | N
     Connects to the running Ray instance, or starts a local one.
     """
     config = config or FeatureConfig()
+    events_path = storage.normalize(events_path)
     events = ray.data.read_parquet(events_path)
     num_events = events.count()
     if num_events == 0:
@@ -247,8 +242,7 @@ def run_feature_job(events_path: str, output_dir: str, config: FeatureConfig | N
     num_buckets = max(1, -(-num_events // config.rows_per_bucket))
     logger.info("Building features from %d events in %d user buckets, as of %s", num_events, num_buckets, as_of)
 
-    output = Path(output_dir)
-    paths = {name: str(output / name) for name in (USER_SEQUENCE_VIEW, ITEM_STATS_VIEW, ITEM_NEIGHBORS_VIEW)}
+    paths = {name: storage.join(output_dir, name) for name in (USER_SEQUENCE_VIEW, ITEM_STATS_VIEW, ITEM_NEIGHBORS_VIEW)}
     by_user = events.map_batches(
         _add_bucket, fn_kwargs={"key": USER_ID, "num_buckets": num_buckets}, batch_format="pyarrow"
     ).groupby(_BUCKET)
@@ -272,7 +266,7 @@ def run_feature_job(events_path: str, output_dir: str, config: FeatureConfig | N
         lambda bucket: top_neighbors(bucket.drop_columns([_BUCKET]), k, as_of), batch_format="pyarrow"
     ).write_parquet(paths[ITEM_NEIGHBORS_VIEW], mode="overwrite")
 
-    logger.info("Wrote offline sources to %s", output)
+    logger.info("Wrote offline sources to %s", storage.normalize(output_dir))
     return paths
 
 
@@ -280,11 +274,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Ingest raw events and build the Feast offline sources with Ray Data."
     )
-    parser.add_argument("--events-csv", required=True, help="Taobao UserBehavior CSV (no header) to ingest")
+    parser.add_argument(
+        "--events-csv", required=True, help="Taobao UserBehavior CSV (no header) to ingest: a path or a URI"
+    )
     parser.add_argument(
         "--data-dir",
         required=True,
-        help="output folder: events/ gets the canonical events, offline/ the Feast offline sources",
+        help="output folder or URI: events/ gets the canonical events, offline/ the Feast offline sources",
     )
     parser.add_argument("--sequence-length", type=int, default=SEQUENCE_LENGTH, help="events kept per user")
     args = parser.parse_args(argv)
@@ -293,13 +289,13 @@ def main(argv: list[str] | None = None) -> None:
     from training.events import ingest_taobao_csv
     from training.cluster import connect_ray
 
-    data_dir = Path(args.data_dir).resolve()
-    report = ingest_taobao_csv(args.events_csv, data_dir / "events")
+    report = ingest_taobao_csv(args.events_csv, storage.join(args.data_dir, "events"))
     print(
         f"Ingested {report.rows_accepted} of {report.rows_read} rows; rejected by reason: {report.rejected or 'none'}"
     )
     connect_ray()
-    paths = run_feature_job(report.events_path, str(data_dir / "offline"), FeatureConfig(sequence_length=args.sequence_length))
+    config = FeatureConfig(sequence_length=args.sequence_length)
+    paths = run_feature_job(report.events_path, storage.join(args.data_dir, "offline"), config)
     for view, path in paths.items():
         print(f"{view}: {path}")
 

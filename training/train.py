@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ray.train.torch import TorchTrainer
 
 from training import examples as ex
+from training import storage
 from training.artifacts import new_version, write_artifact
 from training.cluster import connect_ray
 from training.evaluation import add_sums, evaluate_batch, means
@@ -60,7 +61,7 @@ class TrainingConfig:
     """Full-softmax cross-entropy, or sampled softmax against shared uniform negatives. ``auto``
     picks full softmax up to ``full_softmax_max_items`` items."""
     num_negatives: int = 2048
-    full_softmax_max_items: int = 20_000
+    full_softmax_max_items: int = 10_000
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience", "eval_batch_size", "num_workers"):
@@ -78,7 +79,7 @@ class TrainingConfig:
 
 
 def _matrix(batch: pa.Table, column: str) -> torch.Tensor:
-    """A fixed-size list column as a (B, L) int64 tensor."""
+    """Convert a fixed-size list column to a (B, L) int64 tensor."""
     values = batch[column].combine_chunks().flatten().to_numpy()
     return torch.from_numpy(values.astype(np.int64, copy=True).reshape(batch.num_rows, -1))
 
@@ -113,8 +114,8 @@ def next_item_loss(
     """Cross-entropy of the next item at every position that has a target.
 
     hidden is (B, L, D) and targets (B, L), with 0 where a position has no target. With
-    ``num_negatives`` None the softmax runs over all items; otherwise over the target and
-    ``num_negatives`` items drawn uniformly and shared by the batch, where a negative equal to the
+    ``num_negatives`` None the softmax runs over all items. Otherwise it runs over the target and
+    ``num_negatives`` items drawn uniformly and shared by the batch. A negative equal to the
     target is masked out.
     """
     has_target = targets != PADDING_ID
@@ -250,12 +251,16 @@ def train(
     model_options: dict | None = None,
     config: TrainingConfig | None = None,
     storage_path: str | None = None,
-) -> Path:
-    """Run the whole training job and return the folder of the artefact it wrote."""
+) -> str:
+    """Run the whole training job and return the location of the artefact it wrote.
+
+    Paths may be local or URIs. Ray Train checkpoints go to ``storage_path``, by default
+    ``<model_dir>/ray_results``.
+    """
     config = config or TrainingConfig()
     model_options = dict(model_options or {})
     sequence_length = model_options.pop("max_length", SEQUENCE_LENGTH)
-    model_dir = str(Path(model_dir).resolve())
+    model_dir = storage.normalize(model_dir)
     version = new_version()
 
     examples = ex.build_examples(events_path, sequence_length)
@@ -275,7 +280,7 @@ def train(
         scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=False),
         run_config=ray.train.RunConfig(
             name=f"sasrec-{version}",
-            storage_path=storage_path or str(Path(model_dir) / "ray_results"),
+            storage_path=storage_path or storage.join(model_dir, "ray_results"),
             failure_config=ray.train.FailureConfig(max_failures=2),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
@@ -326,8 +331,8 @@ def train(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train a SASRec model on canonical events with Ray Train.")
-    parser.add_argument("--events", required=True, help="canonical events Parquet file or folder")
-    parser.add_argument("--model-dir", required=True, help="folder of versioned model artefacts")
+    parser.add_argument("--events", required=True, help="canonical events Parquet file or folder: a path or a URI")
+    parser.add_argument("--model-dir", required=True, help="folder or URI of versioned model artefacts")
     parser.add_argument("--epochs", type=int, default=TrainingConfig.epochs, help="maximum number of epochs")
     parser.add_argument("--batch-size", type=int, default=TrainingConfig.batch_size, help="sequences per step")
     parser.add_argument("--learning-rate", type=float, default=TrainingConfig.learning_rate, help="AdamW step size")
@@ -368,9 +373,9 @@ def main(argv: list[str] | None = None) -> None:
         "use_behavior": not args.no_behavior,
     }
     connect_ray()
-    path = train(args.events, args.model_dir, model_options, config)
-    metrics = (path / "metrics.json").read_text()
-    print(f"Model artefact: {path}\n{metrics}")
+    location = train(args.events, args.model_dir, model_options, config)
+    metrics = storage.read_text(storage.join(location, "metrics.json"))
+    print(f"Model artefact: {location}\n{metrics}")
 
 
 if __name__ == "__main__":
