@@ -170,10 +170,12 @@ def test_serve_app_entry():
     assert set(application["args"]) >= {"feature_repo", "model_dir"}
 
 
-def test_serve_args_use_image_layout():
+def test_serve_args_resolve_in_image_and_checkout():
+    # Relative paths resolve against the folder where `ray start` ran: /app in the image.
     args = serve_application()["args"]
-    assert args["feature_repo"] == IMAGE_FEATURE_REPO
-    assert args["model_dir"].startswith(DATA_MOUNT_PATH + "/")
+    assert f"/app/{args['feature_repo']}" == IMAGE_FEATURE_REPO
+    assert f"/app/{args['model_dir']}".startswith(DATA_MOUNT_PATH + "/")
+    assert (ROOT / args["feature_repo"] / "feature_store.yaml").is_file()
 
 
 def test_serve_deployments_exist_in_app():

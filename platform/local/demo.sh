@@ -13,7 +13,8 @@ train_args=${TRAIN_ARGS:-}
 step() { printf '\n==> %s\n' "$*"; }
 
 if ray status --address "$RAY_GCS_ADDRESS" >/dev/null 2>&1; then
-  step "Using the running local Ray cluster"
+  step "Using the running local Ray cluster; stopping its Serve applications to free CPUs for the jobs"
+  serve shutdown --address "$RAY_DASHBOARD_URL" --yes >/dev/null 2>&1 || true
 else
   step "Starting a local Ray cluster (2 CPUs)"
   ray start --head --num-cpus 2 --dashboard-host 127.0.0.1 --disable-usage-stats >/dev/null
@@ -43,10 +44,11 @@ step "Training SASRec with Ray Train (ray job submit)"
 ray job submit --address "$RAY_DASHBOARD_URL" --working-dir . -- \
   python -m training.train --events "$DATA_DIR/events/events.parquet" --model-dir "$DATA_DIR/models" $train_args
 
-step "Deploying the serving graph with Ray Serve"
+step "Deploying the serving graph with Ray Serve (platform/serve/serve_config.yaml)"
+# Start the proxy on loopback first; the config's 0.0.0.0 is for cluster nodes. The config's
+# relative paths resolve against the repository root, where the cluster was started.
 serve start --address "$RAY_GCS_ADDRESS" --http-host 127.0.0.1 --http-port 8000 >/dev/null
-serve run --non-blocking --address "$RAY_GCS_ADDRESS" --name seqrec \
-  serving.app:build_app feature_repo="$ROOT/feature_repo" model_dir="$DATA_DIR/models"
+serve deploy --address "$RAY_DASHBOARD_URL" platform/serve/serve_config.yaml >/dev/null
 python - "$SERVE_URL" <<'PY'
 import sys, time, httpx
 url = sys.argv[1] + "/healthz"

@@ -3,7 +3,7 @@
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
 if ray status --address "$RAY_GCS_ADDRESS" >/dev/null 2>&1; then
-  serve shutdown --address "$RAY_GCS_ADDRESS" --yes >/dev/null 2>&1 || true
+  serve shutdown --address "$RAY_DASHBOARD_URL" --yes >/dev/null 2>&1 || true
   ray stop >/dev/null
   echo "Stopped the seqrec service and the local Ray cluster."
 else
