@@ -24,6 +24,16 @@ logger = logging.getLogger(__name__)
 
 TAOBAO_COLUMNS = (USER_ID, ITEM_ID, CATEGORY_ID, "behavior_type", "timestamp")
 
+# Source formats that ``ingest_events`` reads.
+TAOBAO = "taobao"
+SEQUENCES = "sequences"
+PAIRS = "pairs"
+RECBOLE = "recbole"
+FORMATS = (TAOBAO, SEQUENCES, PAIRS, RECBOLE)
+
+# Synthetic clock for formats without timestamps: 2001-09-09 UTC, then one second per event.
+SYNTHETIC_START_S = 1_000_000_000
+
 # Reasons a row is rejected, as they appear in the report and the quarantine file.
 MALFORMED = "malformed"
 INVALID_INTEGER = "invalid_integer"
@@ -60,13 +70,39 @@ class IngestReport:
 
 
 def ingest_taobao_csv(source: str | Path, output_dir: str | Path) -> IngestReport:
-    """Convert a Taobao UserBehavior CSV into canonical events Parquet.
+    """Convert a Taobao UserBehavior CSV into canonical events Parquet; see ``ingest_events``."""
+    return ingest_events(source, output_dir, TAOBAO)
 
-    The CSV has no header and the columns ``user_id,item_id,category_id,behavior_type,timestamp``
-    (Unix seconds). Writes ``events.parquet``, ``quarantine.csv`` and ``ingest_report.json`` into
-    ``output_dir`` and returns the report. Both locations may be local paths or URIs. The file is
-    read in blocks, so memory stays bounded whatever its size.
+
+def ingest_events(
+    source: str | Path,
+    output_dir: str | Path,
+    source_format: str = TAOBAO,
+    item_categories: dict[int, int] | None = None,
+    default_behavior: str = "pv",
+) -> IngestReport:
+    """Convert an event log into canonical events Parquet.
+
+    Formats (``FORMATS``):
+
+    - ``taobao``: CSV without a header, ``user_id,item_id,category_id,behavior_type,timestamp``
+      with Unix seconds;
+    - ``sequences``: one user per line, ``user_id item_id item_id ...``, oldest first;
+    - ``pairs``: ``user_id item_id`` per line, in time order per user;
+    - ``recbole``: a RecBole atomic ``.inter`` file, tab-separated with a typed header such as
+      ``user_id:token item_id:token rating:float timestamp:float``.
+
+    Formats without timestamps get synthetic ones, ``SYNTHETIC_START_S`` plus the event's position
+    in the file, which keeps each user's order. Formats without categories take them from
+    ``item_categories`` (raw item id to raw category id), else 0, and formats without behaviour
+    types get ``default_behavior``. Writes ``events.parquet``, ``quarantine.csv`` and
+    ``ingest_report.json`` into ``output_dir`` and returns the report. Both locations may be local
+    paths or URIs. The file is read in blocks, so memory stays bounded whatever its size.
     """
+    if source_format not in FORMATS:
+        raise ValueError(f"unknown source format {source_format!r}; expected one of {FORMATS}")
+    if default_behavior not in BEHAVIORS:
+        raise ValueError(f"default_behavior must be one of {BEHAVIORS}, got {default_behavior!r}")
     source, output_dir = storage.normalize(source), storage.normalize(output_dir)
     if not storage.exists(source):
         raise FileNotFoundError(f"events file not found: {source}")
@@ -76,34 +112,19 @@ def ingest_taobao_csv(source: str | Path, output_dir: str | Path) -> IngestRepor
         events_path=storage.join(output_dir, "events.parquet"),
         quarantine_path=storage.join(output_dir, "quarantine.csv"),
     )
-    source_fs, source_path = storage.resolve(source)
     events_fs, events_path = storage.resolve(report.events_path)
     quarantine_fs, quarantine_path = storage.resolve(report.quarantine_path)
+    defaults = _Defaults(item_categories or {}, default_behavior)
 
     malformed_lines: list[str] = []
-
-    def keep_malformed(row: pacsv.InvalidRow) -> str:
-        malformed_lines.append(row.text)
-        return "skip"
-
-    input_stream = source_fs.open_input_stream(source_path)
-    reader = pacsv.open_csv(
-        input_stream,
-        read_options=pacsv.ReadOptions(
-            column_names=list(TAOBAO_COLUMNS), block_size=_READ_BLOCK_SIZE_BYTES, use_threads=False
-        ),
-        parse_options=pacsv.ParseOptions(invalid_row_handler=keep_malformed),
-        convert_options=pacsv.ConvertOptions(column_types={name: pa.string() for name in TAOBAO_COLUMNS}),
-    )
     with (
-        input_stream,
         pq.ParquetWriter(events_path, EVENTS_SCHEMA, filesystem=events_fs) as events_writer,
         quarantine_fs.open_output_stream(quarantine_path) as quarantine_stream,
         pacsv.CSVWriter(quarantine_stream, QUARANTINE_SCHEMA) as quarantine_writer,
     ):
-        for batch in reader:
-            report.rows_read += batch.num_rows
-            events, rejected = _validate_taobao_batch(pa.Table.from_batches([batch]), report)
+        for table in _raw_batches(source, source_format, malformed_lines, defaults):
+            report.rows_read += table.num_rows
+            events, rejected = _validate_batch(table, report)
             events_writer.write_table(events)
             report.rows_accepted += events.num_rows
             if rejected.num_rows:
@@ -129,7 +150,99 @@ def ingest_taobao_csv(source: str | Path, output_dir: str | Path) -> IngestRepor
     return report
 
 
-def _validate_taobao_batch(table: pa.Table, report: IngestReport) -> tuple[pa.Table, pa.Table]:
+@dataclasses.dataclass
+class _Defaults:
+    """Values for the columns that a source format lacks, and the synthetic clock."""
+
+    item_categories: dict[int, int]
+    behavior: str
+    next_timestamp_s: int = SYNTHETIC_START_S
+
+    def categories(self, item_ids: pa.Array) -> pa.Array:
+        if not self.item_categories:
+            return pa.array(["0"] * len(item_ids), pa.string())
+        keys = pa.array([str(item) for item in self.item_categories], pa.string())
+        values = pa.array([str(category) for category in self.item_categories.values()], pa.string())
+        return pc.fill_null(pc.take(values, pc.index_in(item_ids, keys)), "0")
+
+    def timestamps(self, count: int) -> pa.Array:
+        start = self.next_timestamp_s
+        self.next_timestamp_s += count
+        return pa.array([str(value) for value in range(start, start + count)], pa.string())
+
+
+def _raw_batches(source: str, source_format: str, malformed_lines: list[str], defaults: _Defaults):
+    """Yield blocks of the source as string columns named ``TAOBAO_COLUMNS``."""
+
+    def keep_malformed(row: pacsv.InvalidRow) -> str:
+        malformed_lines.append(row.text)
+        return "skip"
+
+    filesystem, path = storage.resolve(source)
+    skip_rows, delimiter, column_names = 0, ",", list(TAOBAO_COLUMNS)
+    if source_format == RECBOLE:
+        with filesystem.open_input_stream(path) as stream:
+            header = stream.read(65_536).decode("utf-8", errors="replace").split("\n", 1)[0].rstrip("\r")
+        column_names = [field.split(":")[0] for field in header.split("\t")]
+        missing = {USER_ID, ITEM_ID, "timestamp"} - set(column_names)
+        if missing:
+            raise ValueError(f"RecBole header of {source} lacks fields {sorted(missing)}: {header!r}")
+        skip_rows, delimiter = 1, "\t"
+    elif source_format == PAIRS:
+        delimiter, column_names = " ", [USER_ID, ITEM_ID]
+    elif source_format == SEQUENCES:
+        # No line contains the unit separator, so each line arrives whole in one column.
+        delimiter, column_names = "\x1f", ["line"]
+
+    with filesystem.open_input_stream(path) as stream:
+        reader = pacsv.open_csv(
+            stream,
+            read_options=pacsv.ReadOptions(
+                column_names=column_names, skip_rows=skip_rows, block_size=_READ_BLOCK_SIZE_BYTES, use_threads=False
+            ),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=keep_malformed),
+            convert_options=pacsv.ConvertOptions(column_types={name: pa.string() for name in column_names}),
+        )
+        for batch in reader:
+            table = pa.Table.from_batches([batch])
+            if source_format == TAOBAO:
+                yield table
+            elif source_format == SEQUENCES:
+                yield _explode_sequences(table, malformed_lines, defaults)
+            else:
+                if source_format == RECBOLE:
+                    # RecBole stores times as floats; whole seconds are kept.
+                    timestamps = pc.replace_substring_regex(table["timestamp"], r"\.[0-9]*$", "")
+                else:
+                    timestamps = defaults.timestamps(table.num_rows)
+                yield _with_defaults(table[USER_ID], table[ITEM_ID], timestamps, defaults)
+
+
+def _explode_sequences(lines: pa.Table, malformed_lines: list[str], defaults: _Defaults) -> pa.Table:
+    tokens = pc.split_pattern(pc.utf8_trim_whitespace(lines["line"]), " ")
+    too_short = pc.less(pc.list_value_length(tokens), 2).to_numpy(zero_copy_only=False)
+    malformed_lines.extend(lines["line"].filter(pa.array(too_short)).to_pylist())
+    tokens = tokens.filter(pa.array(~too_short)).combine_chunks()
+    users = pc.list_element(tokens, 0)
+    items = pc.list_flatten(pc.list_slice(tokens, 1))
+    parents = pc.list_parent_indices(pc.list_slice(tokens, 1))
+    return _with_defaults(pc.take(users, parents), items, defaults.timestamps(len(items)), defaults)
+
+
+def _with_defaults(users, items, timestamps, defaults: _Defaults) -> pa.Table:
+    items = items.combine_chunks() if isinstance(items, pa.ChunkedArray) else items
+    return pa.table(
+        {
+            USER_ID: users,
+            ITEM_ID: items,
+            CATEGORY_ID: defaults.categories(items),
+            "behavior_type": pa.array([defaults.behavior] * len(items), pa.string()),
+            "timestamp": timestamps,
+        }
+    )
+
+
+def _validate_batch(table: pa.Table, report: IngestReport) -> tuple[pa.Table, pa.Table]:
     """Split one block of string columns into canonical events and quarantined rows."""
     integer_columns = (USER_ID, ITEM_ID, CATEGORY_ID, "timestamp")
     is_integer = functools.reduce(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 
 import numpy as np
@@ -23,6 +24,7 @@ import pyarrow.compute as pc
 import ray
 
 from training import storage
+from training.cluster import connect_ray
 from training.schema import (
     BEHAVIOR,
     BEHAVIORS,
@@ -271,11 +273,16 @@ def run_feature_job(events_path: str, output_dir: str, config: FeatureConfig | N
 
 
 def main(argv: list[str] | None = None) -> None:
+    from training.events import FORMATS, TAOBAO, ingest_events
+
     parser = argparse.ArgumentParser(
         description="Ingest raw events and build the Feast offline sources with Ray Data."
     )
+    parser.add_argument("--events", required=True, help="event log to ingest: a path or a URI")
+    parser.add_argument("--format", choices=FORMATS, default=TAOBAO, help="format of the event log")
     parser.add_argument(
-        "--events-csv", required=True, help="Taobao UserBehavior CSV (no header) to ingest: a path or a URI"
+        "--item-attributes",
+        help="JSON object of item id to a list of attribute ids (S3-Rec style); the first becomes the category",
     )
     parser.add_argument(
         "--data-dir",
@@ -286,10 +293,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from training.events import ingest_taobao_csv
-    from training.cluster import connect_ray
-
-    report = ingest_taobao_csv(args.events_csv, storage.join(args.data_dir, "events"))
+    item_categories = None
+    if args.item_attributes:
+        attributes = json.loads(storage.read_text(args.item_attributes))
+        item_categories = {int(item): int(ids[0]) for item, ids in attributes.items() if ids}
+    report = ingest_events(args.events, storage.join(args.data_dir, "events"), args.format, item_categories)
     print(
         f"Ingested {report.rows_accepted} of {report.rows_read} rows; rejected by reason: {report.rejected or 'none'}"
     )

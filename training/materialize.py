@@ -13,8 +13,9 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-# Start of the materialization window on the first run: older than any supported event log.
-EARLIEST = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
+# Start of the materialization window: the Unix epoch, older than any supported event log
+# (MovieLens-100K starts in 1997).
+EARLIEST = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 
 def materialize(repo_path: str | Path, end: datetime.datetime | None = None) -> None:

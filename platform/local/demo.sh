@@ -33,7 +33,7 @@ events_csv=$(realpath "$events_csv")
 
 step "Building features with Ray Data (ray job submit)"
 ray job submit --address "$RAY_DASHBOARD_URL" --working-dir . -- \
-  python -m training.features --events-csv "$events_csv" --data-dir "$DATA_DIR"
+  python -m training.features --events "$events_csv" --data-dir "$DATA_DIR"
 
 step "Registering features (feast apply) and filling the online store"
 (cd feature_repo && feast apply)
