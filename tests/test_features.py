@@ -11,7 +11,7 @@ T0 = 1_511_544_000
 
 
 def make_events(rows):
-    """Events from (user, item, category, behavior, seconds after T0) tuples."""
+    """Events from (user, item, category, behavior, seconds after T0) tuples, in source order."""
     users, items, categories, behaviors, times = zip(*rows)
     return pa.table(
         {
@@ -23,6 +23,7 @@ def make_events(rows):
                 [datetime.datetime.fromtimestamp(T0 + t, datetime.timezone.utc) for t in times],
                 pa.timestamp("us", tz="UTC"),
             ),
+            "event_position": pa.array(range(len(users)), pa.int64()),
         },
         schema=EVENTS_SCHEMA,
     )
@@ -44,7 +45,7 @@ def test_sequence_timestamp_is_last_event_time():
     assert row["event_timestamp"].timestamp() == T0 + 99
 
 
-def test_sequences_equal_timestamps_keep_input_order():
+def test_sequences_equal_timestamps_follow_source_position():
     events = make_events([(1, 30, 1, "pv", 10), (1, 10, 1, "pv", 10), (1, 20, 1, "pv", 10)])
     row = build_user_sequences(events, sequence_length=50).to_pylist()[0]
     assert row["item_ids"] == [30, 10, 20]
@@ -109,3 +110,21 @@ def test_feature_job_writes_every_offline_source(ray_instance, tmp_path):
     assert neighbors
     assert all(1 <= len(row["neighbor_ids"]) <= FeatureConfig().neighbors_per_item for row in neighbors)
     assert all(row["item_id"] not in row["neighbor_ids"] for row in neighbors)
+
+
+def test_feature_job_output_independent_of_blocks(ray_instance, tmp_path):
+    # Equal timestamps inside each user, so only the source position orders them.
+    rows = [(user, 500 - step, 1, "pv", user * 10) for user in range(1, 31) for step in range(8)]
+    events = make_events(rows)
+    reversed_blocks = events.take(list(range(events.num_rows - 1, -1, -1)))
+    outputs = []
+    for name, table, rows_per_file in (("one", events, events.num_rows), ("many", reversed_blocks, 7)):
+        folder = tmp_path / name / "events"
+        folder.mkdir(parents=True)
+        for index, start in enumerate(range(0, table.num_rows, rows_per_file)):
+            pq.write_table(table.slice(start, rows_per_file), folder / f"part-{index:03d}.parquet")
+        paths = run_feature_job(str(folder), str(tmp_path / name / "offline"), FeatureConfig(sequence_length=5))
+        sequences = pq.read_table(paths[USER_SEQUENCE_VIEW]).to_pylist()
+        outputs.append(sorted(sequences, key=lambda row: row["user_id"]))
+    assert outputs[0] == outputs[1]
+    assert outputs[0][0]["item_ids"] == [497, 496, 495, 494, 493]

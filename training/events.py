@@ -12,13 +12,23 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from training import storage
-from training.schema import BEHAVIOR, BEHAVIORS, CATEGORY_ID, EVENT_TIMESTAMP, EVENTS_SCHEMA, ITEM_ID, USER_ID
+from training.schema import (
+    BEHAVIOR,
+    BEHAVIORS,
+    CATEGORY_ID,
+    EVENT_POSITION,
+    EVENT_TIMESTAMP,
+    EVENTS_SCHEMA,
+    ITEM_ID,
+    USER_ID,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +133,9 @@ def ingest_events(
         pacsv.CSVWriter(quarantine_stream, QUARANTINE_SCHEMA) as quarantine_writer,
     ):
         for table in _raw_batches(source, source_format, malformed_lines, defaults):
+            first_position = report.rows_read
             report.rows_read += table.num_rows
-            events, rejected = _validate_batch(table, report)
+            events, rejected = _validate_batch(table, report, first_position)
             events_writer.write_table(events)
             report.rows_accepted += events.num_rows
             if rejected.num_rows:
@@ -242,8 +253,11 @@ def _with_defaults(users, items, timestamps, defaults: _Defaults) -> pa.Table:
     )
 
 
-def _validate_batch(table: pa.Table, report: IngestReport) -> tuple[pa.Table, pa.Table]:
-    """Split one block of string columns into canonical events and quarantined rows."""
+def _validate_batch(table: pa.Table, report: IngestReport, first_position: int) -> tuple[pa.Table, pa.Table]:
+    """Split one block of string columns into canonical events and quarantined rows.
+
+    ``first_position`` is the position of the block's first row in the source.
+    """
     integer_columns = (USER_ID, ITEM_ID, CATEGORY_ID, "timestamp")
     is_integer = functools.reduce(
         pc.and_,
@@ -274,6 +288,7 @@ def _validate_batch(table: pa.Table, report: IngestReport) -> tuple[pa.Table, pa
             EVENT_TIMESTAMP: pc.cast(
                 pc.multiply(pc.cast(valid["timestamp"], pa.int64()), 1_000_000), pa.timestamp("us", tz="UTC")
             ),
+            EVENT_POSITION: pa.array(np.arange(first_position, first_position + table.num_rows)).filter(is_valid),
         },
         schema=EVENTS_SCHEMA,
     )

@@ -29,6 +29,7 @@ from training.schema import (
     BEHAVIOR,
     BEHAVIORS,
     CATEGORY_ID,
+    EVENT_POSITION,
     EVENT_TIMESTAMP,
     ITEM_ID,
     ITEM_NEIGHBORS_VIEW,
@@ -75,9 +76,9 @@ class FeatureConfig:
 
 
 def sort_user_events(events: pa.Table) -> pa.Table:
-    """Sort events by user, then time. Ties keep their input order (the sort is stable)."""
-    order = pc.sort_indices(events, [(USER_ID, "ascending"), (EVENT_TIMESTAMP, "ascending")])
-    return events.take(order)
+    """Sort events by user, then time, then position in the source file."""
+    keys = [(USER_ID, "ascending"), (EVENT_TIMESTAMP, "ascending"), (EVENT_POSITION, "ascending")]
+    return events.take(pc.sort_indices(events, keys))
 
 
 def build_user_sequences(events: pa.Table, sequence_length: int) -> pa.Table:

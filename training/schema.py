@@ -28,6 +28,9 @@ ITEM_ID = "item_id"
 CATEGORY_ID = "category_id"
 BEHAVIOR = "behavior"
 EVENT_TIMESTAMP = "event_timestamp"
+# Position of an event in its source file. It orders events with equal timestamps, so their
+# order never depends on partitioning or on item ids.
+EVENT_POSITION = "event_position"
 
 USER_SEQUENCE_VIEW = "user_sequence"
 ITEM_STATS_VIEW = "item_stats"
@@ -56,6 +59,7 @@ EVENTS_SCHEMA = pa.schema(
         pa.field(CATEGORY_ID, pa.int64(), nullable=False),
         pa.field(BEHAVIOR, pa.string(), nullable=False),
         pa.field(EVENT_TIMESTAMP, pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field(EVENT_POSITION, pa.int64(), nullable=False),
     ]
 )
 """Canonical events schema that every ingestion path produces."""
