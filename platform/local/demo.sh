@@ -69,6 +69,17 @@ python -m serving.client --url "$SERVE_URL" --events "$DATA_DIR/events/events.pa
   --sample-users 3 --unknown-user --k 5
 
 step "Done"
+python - "$DATA_DIR/models" <<'PY'
+import json, sys
+from pathlib import Path
+models = Path(sys.argv[1])
+version = (models / "LATEST").read_text().strip()
+metrics = json.loads((models / version / "metrics.json").read_text())
+for name in ("sasrec", "popularity"):
+    test = metrics[name]["test"]
+    print(f"{name:>10}: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  ({int(test['count'])} users)")
+print(f"Model version {version}, best validation epoch {metrics['best_epoch']}")
+PY
 cat <<MSG
 The service is answering on $SERVE_URL. Try:
   curl -s -X POST $SERVE_URL/v1/recommend -H 'Content-Type: application/json' -d '{"user_id": 42, "k": 10}'
