@@ -40,7 +40,7 @@ def _offline_source(view_name: str) -> FileSource:
 
 
 user_sequence_push = PushSource(
-    name=f"{schema.USER_SEQUENCE_VIEW}_push",
+    name=schema.USER_SEQUENCE_PUSH_SOURCE,
     batch_source=_offline_source(schema.USER_SEQUENCE_VIEW),
     description="Real-time updates of a user's sequence, pushed by the serving graph.",
 )

@@ -1,5 +1,8 @@
 """Ray Serve application: HTTP ingress -> FeatureLookup -> CandidateGenerator -> Ranker.
 
+``POST /v1/events`` goes from the ingress to SequenceUpdater, which pushes the new events into the
+online store, so the next ``POST /v1/recommend`` for that user reads them.
+
 Build it with ``serve run serving.app:build_app feature_repo=<path> model_dir=<path>``.
 Each deployment wraps one plain class from ``serving.stages`` and requests a fraction of a CPU,
 so the whole graph fits on a 2-core machine.
@@ -15,13 +18,23 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
 
-from serving.schema import RecommendedItem, RecommendRequest, RecommendResponse
+from serving.schema import (
+    EventsRequest,
+    EventsResponse,
+    ModelResponse,
+    RecommendedItem,
+    RecommendRequest,
+    RecommendResponse,
+    UserSequenceLength,
+)
 from serving.stages import (
+    BehaviorEvent,
     CandidateConfig,
     CandidateGenerator,
     FeatureLookup,
     Ranker,
     Recommendation,
+    SequenceUpdater,
     UserSequence,
     cold_start,
     complete,
@@ -64,6 +77,9 @@ class RankerDeployment:
         ranked = self.stage.rank([r[0] for r in requests], [r[1] for r in requests], k_max)
         return [items[:k] for items, (_, _, k) in zip(ranked, requests)]
 
+    def describe(self) -> tuple[str, dict]:
+        return self.stage.model_version, self.stage.artifact.metrics
+
     def cold_start(self, user_id: int, k: int) -> Recommendation:
         return cold_start(self.stage, user_id, k)
 
@@ -72,12 +88,22 @@ class RankerDeployment:
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
+class SequenceUpdaterDeployment:
+    def __init__(self, feature_repo: str) -> None:
+        self.stage = SequenceUpdater(feature_repo)
+
+    def append(self, events: list[BehaviorEvent]) -> dict[int, int]:
+        return self.stage.append(events)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, lookup, generator, ranker) -> None:
+    def __init__(self, lookup, generator, ranker, updater) -> None:
         self.lookup = lookup
         self.generator = generator
         self.ranker = ranker
+        self.updater = updater
 
     @api.post("/v1/recommend", response_model=RecommendResponse)
     async def recommend(self, request: RecommendRequest) -> RecommendResponse:
@@ -99,6 +125,25 @@ class Ingress:
             request_id=request_id,
         )
 
+    @api.post("/v1/events", response_model=EventsResponse)
+    async def events(self, request: EventsRequest) -> EventsResponse:
+        request_id = uuid.uuid4().hex
+        events = [
+            BehaviorEvent(e.user_id, e.item_id, e.category_id, e.behavior, e.timestamp) for e in request.events
+        ]
+        lengths = await self.updater.append.remote(events)
+        logger.info("request %s: appended %d events for %d users", request_id, len(events), len(lengths))
+        return EventsResponse(
+            accepted=len(events),
+            users=[UserSequenceLength(user_id=user, sequence_length=length) for user, length in lengths.items()],
+            request_id=request_id,
+        )
+
+    @api.get("/v1/model", response_model=ModelResponse)
+    async def model(self) -> ModelResponse:
+        version, metrics = await self.ranker.describe.remote()
+        return ModelResponse(model_version=version, metrics=metrics)
+
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
@@ -119,4 +164,5 @@ def build_app(args: dict) -> Application:
         FeatureLookupDeployment.bind(feature_repo),
         CandidateGeneratorDeployment.bind(feature_repo),
         RankerDeployment.bind(model_dir, args.get("model_version", "latest")),
+        SequenceUpdaterDeployment.bind(feature_repo),
     )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_K = 100
+MAX_EVENTS_PER_REQUEST = 1_000
 
 
 class RecommendRequest(BaseModel):
@@ -31,3 +34,43 @@ class RecommendResponse(BaseModel):
     cold_start: bool = Field(description="the user has no sequence, so the list is the popularity fallback")
     backfilled: bool = Field(description="fewer than k candidates were found; popular items fill the rest")
     request_id: str
+
+
+class BehaviorEventIn(BaseModel):
+    """One behaviour event in ``POST /v1/events``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: int = Field(..., strict=True, description="raw user id")
+    item_id: int = Field(..., strict=True, description="raw item id")
+    category_id: int = Field(0, strict=True, description="raw category id of the item")
+    behavior: Literal["pv", "cart", "fav", "buy"]
+    timestamp: int = Field(..., strict=True, gt=0, description="event time in Unix seconds")
+
+
+class EventsRequest(BaseModel):
+    """Body of ``POST /v1/events``: events in the order they happened."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[BehaviorEventIn] = Field(..., min_length=1, max_length=MAX_EVENTS_PER_REQUEST)
+
+
+class UserSequenceLength(BaseModel):
+    user_id: int
+    sequence_length: int
+
+
+class EventsResponse(BaseModel):
+    """Body of a ``POST /v1/events`` answer, sent after the events are in the online store."""
+
+    accepted: int
+    users: list[UserSequenceLength]
+    request_id: str
+
+
+class ModelResponse(BaseModel):
+    """Body of ``GET /v1/model``."""
+
+    model_version: str
+    metrics: dict

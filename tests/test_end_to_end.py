@@ -136,3 +136,28 @@ def test_api_docs_examples_match_service(served_stack):
             assert json_shape(body) == json_shape(documented), (method, path, request, body)
             for item in body.get("items", []):
                 assert json_shape(item) == json_shape(documented["items"][0])
+
+
+def test_http_events_end_cold_start(served_stack):
+    user_id = 888_888_888
+    with httpx.Client(base_url=f"http://127.0.0.1:{SERVE_PORT}", timeout=30) as client:
+        before = client.post("/v1/recommend", json={"user_id": user_id, "k": K}).json()
+        before_items = [item["item_id"] for item in before["items"][:2]]
+        events = [
+            {"user_id": user_id, "item_id": item_id, "behavior": "pv", "timestamp": 1_512_300_000 + n}
+            for n, item_id in enumerate(before_items)
+        ]
+        posted = client.post("/v1/events", json={"events": events})
+        after = client.post("/v1/recommend", json={"user_id": user_id, "k": K}).json()
+    assert before["cold_start"] is True
+    assert posted.status_code == 200, posted.text
+    assert posted.json()["users"] == [{"user_id": user_id, "sequence_length": len(before_items)}]
+    assert after["cold_start"] is False
+    assert any(item["source"] == "model" for item in after["items"])
+
+
+def test_http_model_reports_served_version(served_stack):
+    with httpx.Client(base_url=f"http://127.0.0.1:{SERVE_PORT}", timeout=30) as client:
+        body = client.get("/v1/model").json()
+    assert body["model_version"] == Path(served_stack["artifact"]).name
+    assert body["metrics"]["sasrec"]["test"]["count"] == 815

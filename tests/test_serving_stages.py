@@ -1,4 +1,5 @@
 import datetime
+import threading
 
 import pandas as pd
 import pytest
@@ -7,11 +8,13 @@ from feast import FeatureStore
 
 from helpers import copy_feature_repo, feast_apply, write_random_artifact
 from serving.stages import (
+    BehaviorEvent,
     CandidateConfig,
     CandidateGenerator,
     FeatureLookup,
     Ranker,
     RecommendationPipeline,
+    SequenceUpdater,
     UserSequence,
 )
 from training.schema import ITEM_NEIGHBORS_VIEW, USER_SEQUENCE_VIEW
@@ -123,3 +126,39 @@ def test_pipeline_backfills_short_candidate_lists(stack):
     assert result.items[0].item_id == 120
     assert result.items[0].source == "model"
     assert len({item.item_id for item in result.items}) == 5
+
+
+def event(user_id, item_id, timestamp_s, behavior="pv"):
+    return BehaviorEvent(user_id, item_id, 1, behavior, timestamp_s)
+
+
+def test_updater_appends_and_truncates_like_batch(stack):
+    updater = SequenceUpdater(stack["repo"], sequence_length=4)
+    lengths = updater.append([event(11, 105, 50), event(11, 104, 40), event(11, 106, 50, "buy")])
+    assert lengths == {11: 3}
+    lengths = updater.append([event(11, 107, 60), event(11, 108, 70)])
+    assert lengths == {11: 4}
+    stored = FeatureLookup(stack["repo"]).lookup([11])[0]
+    # Ordered by time; the two events at t=50 keep request order; the oldest (104) is cut.
+    assert stored.item_ids == (105, 106, 107, 108)
+    assert stored.behaviors == ("pv", "buy", "pv", "pv")
+    assert stored.timestamps_s == (50, 50, 60, 70)
+
+
+def test_updater_extends_existing_sequence(stack):
+    updater = SequenceUpdater(stack["repo"])
+    updater.append([event(2, 101, 100)])
+    assert FeatureLookup(stack["repo"]).lookup([2])[0].item_ids == (120, 101)
+
+
+def test_concurrent_appends_for_one_user_all_land(stack):
+    updater = SequenceUpdater(stack["repo"], sequence_length=500)
+    threads = [
+        threading.Thread(target=updater.append, args=([event(12, 1000 + n, 1000 + n)],)) for n in range(40)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stored = FeatureLookup(stack["repo"]).lookup([12])[0]
+    assert sorted(stored.item_ids) == [1000 + n for n in range(40)]

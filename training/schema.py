@@ -33,6 +33,7 @@ EVENT_TIMESTAMP = "event_timestamp"
 EVENT_POSITION = "event_position"
 
 USER_SEQUENCE_VIEW = "user_sequence"
+USER_SEQUENCE_PUSH_SOURCE = "user_sequence_push"
 ITEM_STATS_VIEW = "item_stats"
 ITEM_NEIGHBORS_VIEW = "item_neighbors"
 
