@@ -39,7 +39,7 @@ def recommend(client: httpx.Client, user_id: int, k: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Print recommendations from a seqrec service.")
+    parser = argparse.ArgumentParser(description="Print recommendations from a seqrec service.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--url", default=DEFAULT_URL, help=f"service address (default {DEFAULT_URL})")
     parser.add_argument("--user-id", type=int, action="append", default=[], help="user to ask for; repeatable")
     parser.add_argument("--sample-users", type=int, default=0, help="also ask for this many users from --events")

@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_K = 100
 MAX_EVENTS_PER_REQUEST = 1_000
+# Ids are Int64 entity keys in Feast.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class RecommendRequest(BaseModel):
@@ -15,7 +17,7 @@ class RecommendRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    user_id: int = Field(..., strict=True, description="raw user id, as in the event log")
+    user_id: int = Field(..., strict=True, ge=INT64_MIN, le=INT64_MAX, description="raw user id, as in the event log")
     k: int = Field(10, strict=True, ge=1, le=MAX_K, description=f"number of items to return, 1 to {MAX_K}")
 
 
@@ -41,11 +43,11 @@ class BehaviorEventIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    user_id: int = Field(..., strict=True, description="raw user id")
-    item_id: int = Field(..., strict=True, description="raw item id")
-    category_id: int = Field(0, strict=True, description="raw category id of the item")
+    user_id: int = Field(..., strict=True, ge=INT64_MIN, le=INT64_MAX, description="raw user id")
+    item_id: int = Field(..., strict=True, ge=INT64_MIN, le=INT64_MAX, description="raw item id")
+    category_id: int = Field(0, strict=True, ge=INT64_MIN, le=INT64_MAX, description="raw category id of the item")
     behavior: Literal["pv", "cart", "fav", "buy"]
-    timestamp: int = Field(..., strict=True, gt=0, description="event time in Unix seconds")
+    timestamp: int = Field(..., strict=True, gt=0, le=INT64_MAX, description="event time in Unix seconds")
 
 
 class EventsRequest(BaseModel):

@@ -161,3 +161,10 @@ def test_http_model_reports_served_version(served_stack):
         body = client.get("/v1/model").json()
     assert body["model_version"] == Path(served_stack["artifact"]).name
     assert body["metrics"]["sasrec"]["test"]["count"] == 815
+
+
+def test_http_rejects_user_id_beyond_int64(served_stack):
+    with httpx.Client(base_url=f"http://127.0.0.1:{SERVE_PORT}", timeout=30) as client:
+        response = client.post("/v1/recommend", json={"user_id": 2**64, "k": 3})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "user_id"]

@@ -276,9 +276,7 @@ def run_feature_job(events_path: str, output_dir: str, config: FeatureConfig | N
 def main(argv: list[str] | None = None) -> None:
     from training.events import FORMATS, TAOBAO, ingest_events
 
-    parser = argparse.ArgumentParser(
-        description="Ingest raw events and build the Feast offline sources with Ray Data."
-    )
+    parser = argparse.ArgumentParser(description="Ingest raw events and build the Feast offline sources with Ray Data.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--events", required=True, help="event log to ingest: a path or a URI")
     parser.add_argument("--format", choices=FORMATS, default=TAOBAO, help="format of the event log")
     parser.add_argument(

@@ -143,7 +143,7 @@ def write_taobao_csv(table: pa.Table, path: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write synthetic events in the Taobao UserBehavior CSV format.")
+    parser = argparse.ArgumentParser(description="Write synthetic events in the Taobao UserBehavior CSV format.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--output", required=True, help="CSV file to write")
     parser.add_argument("--users", type=int, default=GeneratorConfig.num_users, help="number of users")
     parser.add_argument("--items", type=int, default=GeneratorConfig.num_items, help="number of items")

@@ -35,7 +35,7 @@ def materialize(repo_path: str | Path, end: datetime.datetime | None = None) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Materialize the seqrec feature views into the online store.")
+    parser = argparse.ArgumentParser(description="Materialize the seqrec feature views into the online store.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--feature-repo", default="feature_repo", help="folder with feature_store.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

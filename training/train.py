@@ -245,6 +245,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
             break
 
 
+def _warn_if_cpus_are_busy(num_workers: int) -> None:
+    """Raise if the cluster can never fit the workers, and warn when their CPUs are busy now."""
+    available = ray.available_resources().get("CPU", 0.0)
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if total < num_workers:
+        raise ValueError(
+            f"the Ray cluster has {total:g} CPUs but training needs {num_workers} workers of 1 CPU; "
+            "pass --num-workers with a smaller number"
+        )
+    if available < num_workers:
+        logger.warning(
+            "Training needs %d free CPUs for its workers but %.2g of %g are free; it waits until they are. "
+            "Stop what holds them, for example Serve replicas (`serve shutdown`), or pass --num-workers.",
+            num_workers,
+            available,
+            total,
+        )
+
+
 def train(
     events_path: str,
     model_dir: str,
@@ -287,6 +306,7 @@ def train(
         datasets={ex.TRAIN: examples.train, ex.VALIDATION: examples.validation, ex.TEST: examples.test},
         dataset_config=ray.train.DataConfig(datasets_to_split=[ex.TRAIN]),
     )
+    _warn_if_cpus_are_busy(config.num_workers)
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {version} finished without a checkpoint; see the worker logs above")
@@ -330,7 +350,7 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train a SASRec model on canonical events with Ray Train.")
+    parser = argparse.ArgumentParser(description="Train a SASRec model on canonical events with Ray Train.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--events", required=True, help="canonical events Parquet file or folder: a path or a URI")
     parser.add_argument("--model-dir", required=True, help="folder or URI of versioned model artefacts")
     parser.add_argument("--epochs", type=int, default=TrainingConfig.epochs, help="maximum number of epochs")

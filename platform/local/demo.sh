@@ -36,6 +36,8 @@ ray job submit --address "$RAY_DASHBOARD_URL" --working-dir . -- \
   python -m training.features --events "$events_csv" --data-dir "$DATA_DIR"
 
 step "Registering features (feast apply) and filling the online store"
+# Start from an empty online store and registry, so users of an earlier event log do not linger.
+rm -f "$DATA_DIR/online_store.db" "$DATA_DIR/registry.db"
 (cd feature_repo && feast apply)
 python -m training.materialize --feature-repo feature_repo
 
@@ -81,7 +83,7 @@ for name in ("sasrec", "popularity"):
 print(f"Model version {version}, best validation epoch {metrics['best_epoch']}")
 PY
 cat <<MSG
-The service is answering on $SERVE_URL. Try:
-  curl -s -X POST $SERVE_URL/v1/recommend -H 'Content-Type: application/json' -d '{"user_id": 42, "k": 10}'
+The service is answering on $SERVE_URL. Try it with one of the user ids above:
+  curl -s -X POST $SERVE_URL/v1/recommend -H 'Content-Type: application/json' -d '{"user_id": <user id>, "k": 10}'
 Stop it with: make stop
 MSG
