@@ -24,7 +24,7 @@ UNKNOWN_USER_ID = -1
 
 
 def sample_users(events_location: str, count: int) -> list[int]:
-    """The ``count`` users with the most events, most active first (ties by smaller id)."""
+    """Return the ``count`` users with the most events, most active first (ties by smaller id)."""
     filesystem, path = storage.resolve(events_location)
     users = pq.read_table(path, columns=["user_id"], filesystem=filesystem)["user_id"]
     counts = pc.value_counts(users)

@@ -28,7 +28,7 @@ class RecommendedItem(BaseModel):
 
 
 class RecommendResponse(BaseModel):
-    """Body of a ``POST /v1/recommend`` answer."""
+    """Body of a ``POST /v1/recommend`` response."""
 
     user_id: int
     items: list[RecommendedItem]
@@ -64,7 +64,7 @@ class UserSequenceLength(BaseModel):
 
 
 class EventsResponse(BaseModel):
-    """Body of a ``POST /v1/events`` answer, sent after the events are in the online store."""
+    """Body of a ``POST /v1/events`` response, sent after the events are in the online store."""
 
     accepted: int
     users: list[UserSequenceLength]

@@ -59,7 +59,7 @@ class UserSequence:
 
 @dataclasses.dataclass(frozen=True)
 class ScoredItem:
-    """A recommended item. ``source`` says what the score is: a model logit or a popularity count."""
+    """A recommended item. ``source`` names what the score is: a model logit or a popularity count."""
 
     item_id: int
     score: float
@@ -152,7 +152,7 @@ class CandidateGenerator:
         self.features = [f"{ITEM_NEIGHBORS_VIEW}:{NEIGHBOR_IDS}", f"{ITEM_NEIGHBORS_VIEW}:{NEIGHBOR_SCORES}"]
 
     def recent_distinct_items(self, sequence: UserSequence) -> list[int]:
-        """The user's most recent distinct items, most recent first."""
+        """Return the user's most recent distinct items, most recent first."""
         seen: dict[int, None] = {}
         for item_id in reversed(sequence.item_ids):
             seen.setdefault(int(item_id), None)
@@ -231,7 +231,7 @@ class Ranker:
         return ranked
 
     def popular_items(self, k: int, exclude: Sequence[int] = ()) -> list[ScoredItem]:
-        """The k most popular training items not in ``exclude``, scored by their event count."""
+        """Return the k most popular training items not in ``exclude``, scored by their event count."""
         excluded = set(exclude)
         popularity = self.artifact.popularity
         top = popularity.top_items(k + len(excluded))

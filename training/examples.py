@@ -80,7 +80,7 @@ def split_user_examples(
     train_ends = np.where(evaluated, ends - 2, ends)
 
     # Training windows cut the training sequence from its end in steps of L, so every event is a
-    # target exactly once; each window holds L inputs and the L targets that follow them.
+    # target exactly once. Each window contains L inputs and the L targets that follow them.
     num_windows = np.maximum(0, -(-(train_ends - starts - 1) // length))
     window_user = np.repeat(np.arange(len(starts)), num_windows)
     window_rank = np.arange(num_windows.sum()) - np.repeat(np.cumsum(num_windows) - num_windows, num_windows)

@@ -18,7 +18,7 @@ def has_scheme(location: str | Path) -> bool:
 
 
 def normalize(location: str | Path) -> str:
-    """A URI unchanged, or a local path made absolute."""
+    """Return a URI unchanged, or a local path made absolute."""
     return str(location) if has_scheme(location) else str(Path(location).resolve())
 
 

@@ -2,7 +2,7 @@
 # Run seqrec end to end on this machine: events -> features -> Feast -> training -> serving.
 #
 # Usage: platform/local/demo.sh [EVENTS_CSV]
-# Without EVENTS_CSV, the built-in generator writes the events. The service keeps answering on
+# Without EVENTS_CSV, the built-in generator writes the events. The service keeps serving on
 # http://127.0.0.1:8000 until platform/local/stop.sh (or `make stop`) stops the local stack.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"

@@ -21,6 +21,9 @@ class PopularityRanker(SequenceRanker):
         counts = counts.clone()
         counts[PADDING_ID] = float("-inf")
         self.register_buffer("counts", counts)
+        # Counts never change after construction, so the ranking is computed once for all requests.
+        order = np.lexsort((np.arange(self.num_items), -counts.numpy()))
+        self._ranked_items = order[order != PADDING_ID]
 
     def encode(self, batch: SequenceBatch) -> torch.Tensor:
         return torch.zeros(batch.item_ids.shape[0], 1)
@@ -33,5 +36,4 @@ class PopularityRanker(SequenceRanker):
 
     def top_items(self, k: int) -> np.ndarray:
         """Indices of the k most popular items, most popular first; ties go to the smaller index."""
-        order = np.lexsort((np.arange(self.num_items), -self.counts.numpy()))
-        return order[order != PADDING_ID][:k]
+        return self._ranked_items[:k]

@@ -75,7 +75,7 @@ class SASRec(SequenceRanker):
             self.item_embedding.weight[PADDING_ID].zero_()
 
     def hidden_states(self, batch: SequenceBatch) -> torch.Tensor:
-        """Contextual state at every position: (B, L, D). Position t sees only positions up to t."""
+        """Contextual state at every position: (B, L, D). Position t attends only to positions up to t."""
         item_ids = batch.item_ids
         length = item_ids.shape[1]
         if length > self.config.max_length:
