@@ -52,6 +52,14 @@ class SequenceRanker(torch.nn.Module, abc.ABC):
     def score_all(self, state: torch.Tensor) -> torch.Tensor:
         """Score every item index for each state: (B, num_items), padding column at -inf."""
 
+    def item_embeddings(self) -> torch.Tensor | None:
+        """Item vectors whose dot product with ``encode``'s state is the score, (num_items, D).
+
+        Embedding retrieval builds its nearest-neighbour index from them. Rankers that do not
+        score by a dot product return None.
+        """
+        return None
+
     def score(self, state: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Score candidate item indices (B, C) for each state; padding candidates get -inf."""
         scores = self._score_candidates(state, candidates)

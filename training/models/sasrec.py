@@ -111,5 +111,8 @@ class SASRec(SequenceRanker):
         scores[:, PADDING_ID] = float("-inf")
         return scores
 
+    def item_embeddings(self) -> torch.Tensor:
+        return self.item_embedding.weight
+
     def _score_candidates(self, state: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bd,bcd->bc", state, self.item_embedding(candidates))
