@@ -7,9 +7,14 @@ counts rejected rows by reason, so no row is dropped silently.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import json
 import logging
+import math
+import shutil
+import tempfile
+import zoneinfo
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +41,11 @@ TAOBAO_COLUMNS = (USER_ID, ITEM_ID, CATEGORY_ID, "behavior_type", "timestamp")
 
 # Source formats that ``ingest_events`` reads.
 TAOBAO = "taobao"
+PARQUET = "parquet"
 SEQUENCES = "sequences"
 PAIRS = "pairs"
 RECBOLE = "recbole"
-FORMATS = (TAOBAO, SEQUENCES, PAIRS, RECBOLE)
+FORMATS = (TAOBAO, PARQUET, SEQUENCES, PAIRS, RECBOLE)
 
 # Synthetic clock for formats without timestamps: 2001-09-09 UTC, then one second per event.
 SYNTHETIC_START_S = 1_000_000_000
@@ -48,12 +54,48 @@ SYNTHETIC_START_S = 1_000_000_000
 MALFORMED = "malformed"
 INVALID_INTEGER = "invalid_integer"
 NON_POSITIVE_TIMESTAMP = "non_positive_timestamp"
+OUTSIDE_WINDOW = "outside_window"
 UNKNOWN_BEHAVIOR = "unknown_behavior"
+DUPLICATE = "duplicate"
 
 _INTEGER_PATTERN = r"^[+-]?[0-9]{1,18}$"
 _READ_BLOCK_SIZE_BYTES = 16 << 20
+# Source bytes per spill partition of the duplicate check: one partition is read back whole.
+_DEDUP_PARTITION_BYTES = 512 << 20
+_DEDUP_KEY = (USER_ID, EVENT_TIMESTAMP, ITEM_ID, CATEGORY_ID, BEHAVIOR)
 
 QUARANTINE_SCHEMA = pa.schema([pa.field("reason", pa.string()), pa.field("raw", pa.string())])
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeWindow:
+    """Calendar days, both inclusive, in which a source declares its events, in the source's time zone."""
+
+    first_day: datetime.date
+    last_day: datetime.date
+    time_zone: str
+
+    def __post_init__(self) -> None:
+        if self.last_day < self.first_day:
+            raise ValueError(f"last_day {self.last_day} is before first_day {self.first_day}")
+        try:
+            zoneinfo.ZoneInfo(self.time_zone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {self.time_zone!r}; use an IANA name such as 'Asia/Shanghai'") from None
+
+    def bounds_s(self) -> tuple[int, int]:
+        """Return the window as UTC Unix seconds: the first second inside it and the first after it."""
+        zone = zoneinfo.ZoneInfo(self.time_zone)
+        start = datetime.datetime.combine(self.first_day, datetime.time(), zone)
+        end = datetime.datetime.combine(self.last_day + datetime.timedelta(days=1), datetime.time(), zone)
+        return int(start.timestamp()), int(end.timestamp())
+
+
+# Taobao UserBehavior covers 2017-11-25 to 2017-12-03 in China time; the file holds a few events
+# outside those days, which are quarantined.
+TAOBAO_WINDOW = TimeWindow(datetime.date(2017, 11, 25), datetime.date(2017, 12, 3), "Asia/Shanghai")
+DECLARED_WINDOWS: dict[str, TimeWindow] = {TAOBAO: TAOBAO_WINDOW}
+"""Time window of each source format that declares one; other formats accept any positive time."""
 
 
 @dataclasses.dataclass
@@ -90,6 +132,7 @@ def ingest_events(
     source_format: str = TAOBAO,
     item_categories: dict[int, int] | None = None,
     default_behavior: str = "pv",
+    window: TimeWindow | None = None,
 ) -> IngestReport:
     """Convert an event log into canonical events Parquet.
 
@@ -97,6 +140,8 @@ def ingest_events(
 
     - ``taobao``: CSV without a header, ``user_id,item_id,category_id,behavior_type,timestamp``
       with Unix seconds;
+    - ``parquet``: columns ``user_id``, ``item_id``, optional ``category_id``, ``behavior_type``
+      (or ``behavior``) and ``timestamp`` (integer Unix seconds, or a timestamp type);
     - ``sequences``: one user per line, ``user_id item_id item_id ...``, oldest first;
     - ``pairs``: ``user_id item_id`` per line, in time order per user;
     - ``recbole``: a RecBole atomic ``.inter`` file, tab-separated with a typed header such as
@@ -105,9 +150,20 @@ def ingest_events(
     Formats without timestamps get synthetic ones, ``SYNTHETIC_START_S`` plus the event's position
     in the file, which keeps each user's order. Formats without categories take them from
     ``item_categories`` (raw item id to raw category id), else 0, and formats without behaviour
-    types get ``default_behavior``. Writes ``events.parquet``, ``quarantine.csv`` and
-    ``ingest_report.json`` into ``output_dir`` and returns the report. Both locations may be local
-    paths or URIs. The file is read in blocks, so memory stays bounded whatever its size.
+    types get ``default_behavior``.
+
+    Rows are rejected, in this order of precedence: lines that do not parse (``malformed``),
+    fields that are not integers (``invalid_integer``), timestamps at or below 0
+    (``non_positive_timestamp``), timestamps outside ``window`` (``outside_window``; by default the
+    format's entry in ``DECLARED_WINDOWS``, judged in the source's time zone), unknown behaviour
+    types (``unknown_behavior``), and exact duplicates (``duplicate``): an event equal to an earlier
+    one in user, item, category, behaviour and second. The first occurrence in the file is kept.
+
+    Writes ``events.parquet``, ``quarantine.csv`` and ``ingest_report.json`` into ``output_dir``
+    and returns the report. Both locations may be local paths or URIs. The file is read in blocks
+    and spilled to local temporary partitions by user for the duplicate check, so memory stays
+    bounded by one partition (about ``_DEDUP_PARTITION_BYTES`` of source text) whatever the size.
+    Events keep their order in the source within a partition; ``event_position`` records it.
     """
     if source_format not in FORMATS:
         raise ValueError(f"unknown source format {source_format!r}; expected one of {FORMATS}")
@@ -116,6 +172,7 @@ def ingest_events(
     source, output_dir = storage.normalize(source), storage.normalize(output_dir)
     if not storage.exists(source):
         raise FileNotFoundError(f"events file not found: {source}")
+    window = window or DECLARED_WINDOWS.get(source_format)
     storage.make_dirs(output_dir)
     report = IngestReport(
         source=source,
@@ -125,27 +182,40 @@ def ingest_events(
     events_fs, events_path = storage.resolve(report.events_path)
     quarantine_fs, quarantine_path = storage.resolve(report.quarantine_path)
     defaults = _Defaults(item_categories or {}, default_behavior)
+    source_fs, source_path = storage.resolve(source)
+    num_partitions = max(1, math.ceil(source_fs.get_file_info(source_path).size / _DEDUP_PARTITION_BYTES))
 
     malformed_lines: list[str] = []
-    with (
-        pq.ParquetWriter(events_path, EVENTS_SCHEMA, filesystem=events_fs) as events_writer,
-        quarantine_fs.open_output_stream(quarantine_path) as quarantine_stream,
-        pacsv.CSVWriter(quarantine_stream, QUARANTINE_SCHEMA) as quarantine_writer,
-    ):
-        for table in _raw_batches(source, source_format, malformed_lines, defaults):
-            first_position = report.rows_read
-            report.rows_read += table.num_rows
-            events, rejected = _validate_batch(table, report, first_position)
-            events_writer.write_table(events)
-            report.rows_accepted += events.num_rows
-            if rejected.num_rows:
-                quarantine_writer.write_table(rejected)
-        if malformed_lines:
-            report.rows_read += len(malformed_lines)
-            report.add_rejected(MALFORMED, len(malformed_lines))
-            quarantine_writer.write_table(
-                pa.table({"reason": [MALFORMED] * len(malformed_lines), "raw": malformed_lines}, QUARANTINE_SCHEMA)
-            )
+    spill_dir = Path(tempfile.mkdtemp(prefix="seqrec-ingest-"))
+    try:
+        with (
+            quarantine_fs.open_output_stream(quarantine_path) as quarantine_stream,
+            pacsv.CSVWriter(quarantine_stream, QUARANTINE_SCHEMA) as quarantine_writer,
+        ):
+            with _Partitions(spill_dir, num_partitions) as partitions:
+                for table in _raw_batches(source, source_format, malformed_lines, defaults):
+                    first_position = report.rows_read
+                    report.rows_read += table.num_rows
+                    events, rejected = _validate_batch(table, report, first_position, window)
+                    partitions.write(events)
+                    if rejected.num_rows:
+                        quarantine_writer.write_table(rejected)
+            with pq.ParquetWriter(events_path, EVENTS_SCHEMA, filesystem=events_fs) as events_writer:
+                for events in partitions.read():
+                    events, duplicates = split_duplicates(events)
+                    events_writer.write_table(events)
+                    report.rows_accepted += events.num_rows
+                    if duplicates.num_rows:
+                        report.add_rejected(DUPLICATE, duplicates.num_rows)
+                        quarantine_writer.write_table(_quarantine_rows(duplicates, DUPLICATE))
+            if malformed_lines:
+                report.rows_read += len(malformed_lines)
+                report.add_rejected(MALFORMED, len(malformed_lines))
+                quarantine_writer.write_table(
+                    pa.table({"reason": [MALFORMED] * len(malformed_lines), "raw": malformed_lines}, QUARANTINE_SCHEMA)
+                )
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
 
     storage.write_text(storage.join(output_dir, "ingest_report.json"), json.dumps(report.to_dict(), indent=2))
     if report.rows_rejected:
@@ -159,6 +229,65 @@ def ingest_events(
         )
     logger.info("Ingested %d events from %s into %s", report.rows_accepted, source, report.events_path)
     return report
+
+
+def split_duplicates(events: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Split events into the first occurrence of each event and its later exact duplicates.
+
+    Two events are duplicates when user, item, category, behaviour and timestamp are all equal.
+    The one with the smallest ``event_position`` is kept. Both outputs are in position order.
+    """
+    if events.num_rows == 0:
+        return events, events
+    order = pc.sort_indices(events, [(name, "ascending") for name in (*_DEDUP_KEY, EVENT_POSITION)])
+    ordered = events.take(order)
+    same_as_previous = np.zeros(ordered.num_rows, dtype=bool)
+    same_as_previous[1:] = True
+    for name in _DEDUP_KEY:
+        values = ordered[name]
+        if values.type == pa.string():
+            values = pc.dictionary_encode(values.combine_chunks()).indices
+        values = pc.cast(values, pa.int64()).to_numpy()
+        same_as_previous[1:] &= values[1:] == values[:-1]
+    kept, duplicates = ordered.filter(pa.array(~same_as_previous)), ordered.filter(pa.array(same_as_previous))
+    by_position = [(EVENT_POSITION, "ascending")]
+    return kept.take(pc.sort_indices(kept, by_position)), duplicates.take(pc.sort_indices(duplicates, by_position))
+
+
+class _Partitions:
+    """Local Parquet spill files of validated events, partitioned by user so duplicates meet."""
+
+    def __init__(self, folder: Path, num_partitions: int) -> None:
+        self.paths = [folder / f"part-{index:05d}.parquet" for index in range(num_partitions)]
+        self.writers: list[pq.ParquetWriter] = []
+
+    def __enter__(self) -> "_Partitions":
+        self.writers = [pq.ParquetWriter(path, EVENTS_SCHEMA) for path in self.paths]
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for writer in self.writers:
+            writer.close()
+
+    def write(self, events: pa.Table) -> None:
+        if len(self.writers) == 1:
+            self.writers[0].write_table(events)
+            return
+        partition = events[USER_ID].to_numpy() % len(self.writers)
+        for index, writer in enumerate(self.writers):
+            writer.write_table(events.filter(pa.array(partition == index)))
+
+    def read(self):
+        for path in self.paths:
+            yield pq.read_table(path)
+
+
+def _quarantine_rows(events: pa.Table, reason: str) -> pa.Table:
+    """Quarantine rows for canonical events, with ``raw`` in the Taobao CSV layout."""
+    seconds = pc.divide(pc.cast(events[EVENT_TIMESTAMP], pa.int64()), 1_000_000)
+    fields = [events[USER_ID], events[ITEM_ID], events[CATEGORY_ID], events[BEHAVIOR], seconds]
+    raw = pc.binary_join_element_wise(*[pc.cast(field, pa.string()) for field in fields], ",")
+    return pa.table({"reason": pa.array([reason] * events.num_rows, pa.string()), "raw": raw}, QUARANTINE_SCHEMA)
 
 
 @dataclasses.dataclass
@@ -190,6 +319,9 @@ def _raw_batches(source: str, source_format: str, malformed_lines: list[str], de
         return "skip"
 
     filesystem, path = storage.resolve(source)
+    if source_format == PARQUET:
+        yield from _parquet_batches(filesystem, path, defaults)
+        return
     skip_rows, delimiter, column_names = 0, ",", list(TAOBAO_COLUMNS)
     if source_format == RECBOLE:
         with filesystem.open_input_stream(path) as stream:
@@ -229,6 +361,43 @@ def _raw_batches(source: str, source_format: str, malformed_lines: list[str], de
                 yield _with_defaults(table[USER_ID], table[ITEM_ID], timestamps, defaults)
 
 
+def _parquet_batches(filesystem, path: str, defaults: _Defaults):
+    """Yield blocks of a Parquet event log as string columns named ``TAOBAO_COLUMNS``."""
+    parquet_file = pq.ParquetFile(path, filesystem=filesystem)
+    names = set(parquet_file.schema_arrow.names)
+    behavior_column = "behavior_type" if "behavior_type" in names else BEHAVIOR
+    missing = {USER_ID, ITEM_ID, "timestamp"} - names
+    if missing:
+        raise ValueError(f"Parquet events in {path} lack columns {sorted(missing)}; found {sorted(names)}")
+    timestamp_type = parquet_file.schema_arrow.field("timestamp").type
+    if not (pa.types.is_integer(timestamp_type) or pa.types.is_timestamp(timestamp_type)):
+        raise ValueError(
+            f"column 'timestamp' of {path} has type {timestamp_type}; expected integer Unix seconds or a timestamp"
+        )
+    for batch in parquet_file.iter_batches(batch_size=1 << 20):
+        table = pa.Table.from_batches([batch])
+        timestamps = table["timestamp"]
+        if pa.types.is_timestamp(timestamp_type):
+            # Whole seconds since the epoch, rounded down, whatever the unit.
+            timestamps = pc.cast(pc.cast(timestamps, pa.timestamp("s", tz="UTC"), safe=False), pa.int64())
+        columns = {
+            USER_ID: pc.cast(table[USER_ID], pa.string()),
+            ITEM_ID: pc.cast(table[ITEM_ID], pa.string()),
+            CATEGORY_ID: (
+                pc.cast(table[CATEGORY_ID], pa.string())
+                if CATEGORY_ID in names
+                else defaults.categories(pc.cast(table[ITEM_ID], pa.string()).combine_chunks())
+            ),
+            "behavior_type": (
+                pc.cast(table[behavior_column], pa.string())
+                if behavior_column in names
+                else pa.array([defaults.behavior] * table.num_rows, pa.string())
+            ),
+            "timestamp": pc.cast(timestamps, pa.string()),
+        }
+        yield pa.table(columns)
+
+
 def _explode_sequences(lines: pa.Table, malformed_lines: list[str], defaults: _Defaults) -> pa.Table:
     tokens = pc.split_pattern(pc.utf8_trim_whitespace(lines["line"]), " ")
     too_short = pc.less(pc.list_value_length(tokens), 2).to_numpy(zero_copy_only=False)
@@ -253,7 +422,9 @@ def _with_defaults(users, items, timestamps, defaults: _Defaults) -> pa.Table:
     )
 
 
-def _validate_batch(table: pa.Table, report: IngestReport, first_position: int) -> tuple[pa.Table, pa.Table]:
+def _validate_batch(
+    table: pa.Table, report: IngestReport, first_position: int, window: TimeWindow | None
+) -> tuple[pa.Table, pa.Table]:
     """Split one block of string columns into canonical events and quarantined rows.
 
     ``first_position`` is the position of the block's first row in the source.
@@ -268,12 +439,19 @@ def _validate_batch(table: pa.Table, report: IngestReport, first_position: int) 
     safe_timestamps = pc.if_else(is_integer, table["timestamp"], "1")
     timestamps_s = pc.cast(safe_timestamps, pa.int64())
     is_positive = pc.greater(timestamps_s, 0)
+    in_window = pa.array(np.ones(table.num_rows, dtype=bool))
+    if window is not None:
+        start_s, end_s = window.bounds_s()
+        in_window = pc.and_(pc.greater_equal(timestamps_s, start_s), pc.less(timestamps_s, end_s))
     is_known_behavior = pc.fill_null(pc.is_in(table["behavior_type"], pa.array(BEHAVIORS)), False)
 
     reasons = pc.case_when(
-        pc.make_struct(pc.invert(is_integer), pc.invert(is_positive), pc.invert(is_known_behavior)),
+        pc.make_struct(
+            pc.invert(is_integer), pc.invert(is_positive), pc.invert(in_window), pc.invert(is_known_behavior)
+        ),
         INVALID_INTEGER,
         NON_POSITIVE_TIMESTAMP,
+        OUTSIDE_WINDOW,
         UNKNOWN_BEHAVIOR,
     )
     is_valid = pc.is_null(reasons)
