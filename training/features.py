@@ -1,14 +1,26 @@
-"""Ray Data job that turns canonical events into Feast offline sources.
+"""Ray Data job that turns canonical events into point-in-time Feast offline sources.
 
-Outputs, one Parquet folder each under ``<feature repo>/data/offline/``:
+Outputs, one Parquet folder each under ``<data dir>/offline/``. Every row is stamped with the
+moment it became true, so a point-in-time join at time t reads only what was known at t:
 
-- ``user_sequence``: per user, the last ``SEQUENCE_LENGTH`` events as list features, oldest first;
-- ``item_stats``: per item, event counts by behaviour and the buy/pv ratio;
-- ``item_neighbors``: per item, the top ``NEIGHBORS_PER_ITEM`` co-visited items with scores.
+- ``user_sequence``: per user and distinct event time t, the last ``sequence_length`` events at or
+  before t as list features, oldest first;
+- ``user_stats``: per user and distinct event time t, event counts by behaviour over the trailing
+  1, 3 and 7 days up to t, and the time of the latest event;
+- ``item_stats``: per item and day end s (UTC midnight), event counts by behaviour over the
+  trailing 1, 3 and 7 days before s, with the cart/pv, fav/pv and buy/pv ratios;
+- ``item_neighbors``: per item and day end s, the top ``neighbors_per_item`` co-visited items
+  counted over every event before s.
 
-Per-user work is done on user buckets: events are grouped by ``hash(user_id) % num_buckets``, and each
-bucket is processed with vectorized Arrow and NumPy code. No step gathers events on the driver or
-calls Python once per user.
+Per-user work runs on user buckets: events are grouped by ``hash(user_id) % num_buckets``, about
+``rows_per_bucket`` events each, and each bucket is processed with vectorized Arrow and NumPy code
+and written to its own Parquet file. The driver sees only counts. Bucket membership depends only on
+the user id and the number of events, events are ordered by (user, time, position in the source),
+and co-visitation scores are summed as integers, so the output is the same for any block layout.
+
+Heavy users: only each user's last ``max_events_per_user`` events feed user_sequence, user_stats
+and co-visitation. Older events of such a user are dropped, counted and logged. item_stats counts
+every event.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ import logging
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 
 from training import storage
@@ -34,23 +47,36 @@ from training.schema import (
     ITEM_ID,
     ITEM_NEIGHBORS_VIEW,
     ITEM_STATS_VIEW,
+    LAST_EVENT_S,
     NEIGHBOR_IDS,
     NEIGHBOR_SCORES,
     NEIGHBORS_PER_ITEM,
+    SECONDS_PER_DAY,
     SEQUENCE_BEHAVIORS,
     SEQUENCE_CATEGORY_IDS,
     SEQUENCE_ITEM_IDS,
     SEQUENCE_LENGTH,
     SEQUENCE_TIMESTAMPS_S,
+    STATS_WINDOWS_DAYS,
     USER_ID,
     USER_SEQUENCE_VIEW,
+    USER_STATS_VIEW,
+    count_field,
+    ratio_field,
 )
 
 logger = logging.getLogger(__name__)
 
 _BUCKET = "_bucket"
 _NEIGHBOR_ID = "neighbor_id"
-_SCORE = "score"
+_DAY = "day"
+_SCORE_MICROS = "score_micros"
+_COVISITS_DIR = "_covisits"
+_TIMESTAMP_TYPE = pa.timestamp("us", tz="UTC")
+# Co-visitation scores are summed in millionths as int64, so the sum is exact in any order.
+_MICROS = 1_000_000
+# Bits for the seconds part of a (user, time) search key: enough for 1,000 years of seconds.
+_SECONDS_BITS = 35
 
 # Co-visitation weight of each behaviour type: stronger intent counts more.
 BEHAVIOR_WEIGHTS: dict[str, float] = {"pv": 1.0, "cart": 2.0, "fav": 2.0, "buy": 3.0}
@@ -66,13 +92,17 @@ class FeatureConfig:
     """Events up to this many steps apart in a user's sequence count as co-visits."""
     covisit_max_gap_s: int = 3_600
     """Events further apart than this, in seconds, never count as co-visits."""
-    rows_per_bucket: int = 2_000_000
+    covisit_half_life_s: int = 600
+    """A co-visit's weight halves with every this many seconds between its two events."""
+    max_events_per_user: int = 10_000
+    """Only each user's most recent events, up to this many, feed the per-user features."""
+    rows_per_bucket: int = 250_000
     """Target number of events in one user bucket: bounds a worker's memory."""
 
     def __post_init__(self) -> None:
-        for name in ("sequence_length", "neighbors_per_item", "covisit_window", "covisit_max_gap_s", "rows_per_bucket"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) < 1:
+                raise ValueError(f"{field.name} must be at least 1, got {getattr(self, field.name)}")
 
 
 def sort_user_events(events: pa.Table) -> pa.Table:
@@ -81,46 +111,90 @@ def sort_user_events(events: pa.Table) -> pa.Table:
     return events.take(pc.sort_indices(events, keys))
 
 
-def build_user_sequences(events: pa.Table, sequence_length: int) -> pa.Table:
-    """Build the user_sequence rows of one user bucket: the last events of each user as lists.
+def _user_bounds(user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end indices of each user's run in user-sorted ids."""
+    if len(user_ids) == 0:
+        return np.array([], np.int64), np.array([], np.int64)
+    starts = np.flatnonzero(np.r_[True, user_ids[1:] != user_ids[:-1]])
+    return starts, np.r_[starts[1:], len(user_ids)]
 
-    Each row's ``event_timestamp`` is the time of the user's last event, so the row is the sequence
-    known at that moment.
+
+def _seconds(timestamps: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return pc.cast(timestamps, pa.int64()).to_numpy() // 1_000_000
+
+
+def _as_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+def cap_user_history(events: pa.Table, max_events_per_user: int) -> tuple[pa.Table, int]:
+    """Keep each user's last ``max_events_per_user`` events of sorted events; return them and the drop count."""
+    starts, ends = _user_bounds(events[USER_ID].to_numpy())
+    if len(starts) == 0 or (ends - starts).max() <= max_events_per_user:
+        return events, 0
+    events_after = np.repeat(ends, ends - starts) - np.arange(events.num_rows) - 1
+    keep = events_after < max_events_per_user
+    return events.filter(pa.array(keep)), int((~keep).sum())
+
+
+def _snapshot_rows(user_ids: np.ndarray, seconds: np.ndarray) -> np.ndarray:
+    """Indices of the last event of each (user, second) in sorted events: one snapshot per moment."""
+    last = np.ones(len(user_ids), dtype=bool)
+    last[:-1] = (user_ids[1:] != user_ids[:-1]) | (seconds[1:] != seconds[:-1])
+    return np.flatnonzero(last)
+
+
+def build_user_sequences(events: pa.Table, sequence_length: int) -> pa.Table:
+    """Build the user_sequence snapshots of one user bucket.
+
+    There is one row per user and distinct event second t, stamped t, holding the user's last
+    ``sequence_length`` events at or before t, oldest first. Events of the same second are all in
+    the row, in source order.
     """
     events = sort_user_events(events)
     user_ids = events[USER_ID].to_numpy()
     if len(user_ids) == 0:
         return _empty_sequences()
-    starts = np.flatnonzero(np.r_[True, user_ids[1:] != user_ids[:-1]])
-    ends = np.r_[starts[1:], len(user_ids)]
-    events_after = np.repeat(ends, ends - starts) - np.arange(len(user_ids)) - 1
-    kept = events.filter(pa.array(events_after < sequence_length))
-    lengths = np.minimum(ends - starts, sequence_length)
-    offsets = pa.array(np.r_[0, np.cumsum(lengths)], pa.int32())
-    timestamps_s = pc.cast(pc.divide(pc.cast(kept[EVENT_TIMESTAMP], pa.int64()), 1_000_000), pa.int64())
+    seconds = _seconds(events[EVENT_TIMESTAMP])
+    starts, ends = _user_bounds(user_ids)
+    user_start = np.repeat(starts, ends - starts)
+    rows = _snapshot_rows(user_ids, seconds)
+    first = np.maximum(user_start[rows], rows + 1 - sequence_length)
+    lengths = rows + 1 - first
+    offsets = np.r_[0, np.cumsum(lengths)]
+    gather = pa.array(np.repeat(first - offsets[:-1], lengths) + np.arange(offsets[-1]))
+    offsets = pa.array(offsets, pa.int32())
     return pa.table(
         {
-            USER_ID: pa.array(user_ids[starts], pa.int64()),
-            EVENT_TIMESTAMP: events[EVENT_TIMESTAMP].take(pa.array(ends - 1)),
-            SEQUENCE_ITEM_IDS: _to_lists(offsets, kept[ITEM_ID]),
-            SEQUENCE_CATEGORY_IDS: _to_lists(offsets, kept[CATEGORY_ID]),
-            SEQUENCE_BEHAVIORS: _to_lists(offsets, kept[BEHAVIOR]),
-            SEQUENCE_TIMESTAMPS_S: _to_lists(offsets, timestamps_s),
+            USER_ID: pa.array(user_ids[rows], pa.int64()),
+            EVENT_TIMESTAMP: _as_array(events[EVENT_TIMESTAMP]).take(pa.array(rows)),
+            SEQUENCE_ITEM_IDS: _to_lists(offsets, events[ITEM_ID].take(gather)),
+            SEQUENCE_CATEGORY_IDS: _to_lists(offsets, events[CATEGORY_ID].take(gather)),
+            SEQUENCE_BEHAVIORS: _to_lists(offsets, events[BEHAVIOR].take(gather)),
+            SEQUENCE_TIMESTAMPS_S: _to_lists(offsets, pa.array(seconds).take(gather)),
         }
     )
 
 
+def latest_rows(table: pa.Table, key: str) -> pa.Table:
+    """Keep the row with the latest ``event_timestamp`` of each key, as materialization does."""
+    order = pc.sort_indices(table, [(key, "ascending"), (EVENT_TIMESTAMP, "ascending")])
+    table = table.take(order)
+    keys = table[key].to_numpy()
+    last = np.ones(len(keys), dtype=bool)
+    last[:-1] = keys[1:] != keys[:-1]
+    return table.filter(pa.array(last))
+
+
 def _to_lists(offsets: pa.Array, values: pa.Array | pa.ChunkedArray) -> pa.ListArray:
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    return pa.ListArray.from_arrays(offsets, values)
+    return pa.ListArray.from_arrays(offsets, _as_array(values))
 
 
 def _empty_sequences() -> pa.Table:
     return pa.table(
         {
             USER_ID: pa.array([], pa.int64()),
-            EVENT_TIMESTAMP: pa.array([], pa.timestamp("us", tz="UTC")),
+            EVENT_TIMESTAMP: pa.array([], _TIMESTAMP_TYPE),
             SEQUENCE_ITEM_IDS: pa.array([], pa.list_(pa.int64())),
             SEQUENCE_CATEGORY_IDS: pa.array([], pa.list_(pa.int64())),
             SEQUENCE_BEHAVIORS: pa.array([], pa.list_(pa.string())),
@@ -129,99 +203,215 @@ def _empty_sequences() -> pa.Table:
     )
 
 
-def count_covisits(events: pa.Table, window: int, max_gap_s: int) -> pa.Table:
-    """Count weighted co-visits of item pairs in one user bucket.
+def _behavior_codes(behaviors: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Index of each event's behaviour in ``BEHAVIORS``."""
+    return np.asarray(pc.index_in(behaviors, pa.array(BEHAVIORS)).to_numpy(zero_copy_only=False), dtype=np.int64)
 
-    Two events of the same user up to ``window`` steps and ``max_gap_s`` seconds apart add
-    ``behavior weight of the later event / steps apart`` to the pair, in both directions.
-    The same item seen twice in a row is not a pair.
+
+def build_user_stats(events: pa.Table) -> pa.Table:
+    """Build the user_stats rows of one user bucket.
+
+    There is one row per user and distinct event second t, stamped t. ``<behavior>_count_<N>d``
+    counts the user's events of that behaviour in (t - N days, t], and ``last_event_s`` is t.
+    """
+    events = sort_user_events(events)
+    user_ids = events[USER_ID].to_numpy()
+    seconds = _seconds(events[EVENT_TIMESTAMP]) if len(user_ids) else np.array([], np.int64)
+    rows = _snapshot_rows(user_ids, seconds)
+    starts, ends = _user_bounds(user_ids)
+    user_rank = np.repeat(np.arange(len(starts)), ends - starts)
+    first_s = seconds.min() if len(seconds) else 0
+    # One sortable key per event: the user's rank, then seconds since the bucket's first event.
+    keys = (user_rank << _SECONDS_BITS) + (seconds - first_s)
+    codes = _behavior_codes(events[BEHAVIOR])
+    cumulative = np.zeros((len(BEHAVIORS), len(user_ids) + 1), dtype=np.int64)
+    for code in range(len(BEHAVIORS)):
+        cumulative[code, 1:] = np.cumsum(codes == code)
+
+    columns = {USER_ID: pa.array(user_ids[rows], pa.int64()), EVENT_TIMESTAMP: _as_array(events[EVENT_TIMESTAMP]).take(pa.array(rows))}
+    for days in STATS_WINDOWS_DAYS:
+        window_start = np.searchsorted(keys, keys[rows] - days * SECONDS_PER_DAY, side="right")
+        for code, behavior in enumerate(BEHAVIORS):
+            counts = cumulative[code, rows + 1] - cumulative[code, window_start]
+            columns[count_field(behavior, days)] = pa.array(counts, pa.int64())
+    columns[LAST_EVENT_S] = pa.array(seconds[rows], pa.int64())
+    return pa.table(columns)
+
+
+def count_covisits(events: pa.Table, config: FeatureConfig) -> pa.Table:
+    """Count weighted co-visits of item pairs in one user bucket, by the day of the later event.
+
+    Two events of the same user up to ``covisit_window`` steps and ``covisit_max_gap_s`` seconds
+    apart add ``behavior weight of the later event / steps * 0.5 ** (gap_s / covisit_half_life_s)``
+    to the pair, in both directions, on the UTC day of the later event. The same item twice is not
+    a pair. Scores are int64 millionths (``score_micros``).
     """
     events = sort_user_events(events)
     user_ids = events[USER_ID].to_numpy()
     item_ids = events[ITEM_ID].to_numpy()
-    seconds = pc.cast(events[EVENT_TIMESTAMP], pa.int64()).to_numpy() // 1_000_000
-    weights = np.asarray(
-        pc.fill_null(
-            pc.index_in(events[BEHAVIOR], pa.array(list(BEHAVIOR_WEIGHTS))), 0
-        ).to_numpy(zero_copy_only=False)
-    )
-    behavior_weight = np.asarray(list(BEHAVIOR_WEIGHTS.values()))[weights]
+    seconds = _seconds(events[EVENT_TIMESTAMP]) if len(user_ids) else np.array([], np.int64)
+    behavior_weight = np.asarray(list(BEHAVIOR_WEIGHTS.values()))[_behavior_codes(events[BEHAVIOR])]
 
-    sources, targets, scores = [], [], []
-    for steps in range(1, window + 1):
-        same_user = user_ids[steps:] == user_ids[:-steps]
-        close = seconds[steps:] - seconds[:-steps] <= max_gap_s
-        different = item_ids[steps:] != item_ids[:-steps]
-        pair = same_user & close & different
+    sources, targets, days, scores = [], [], [], []
+    for steps in range(1, config.covisit_window + 1):
+        gap_s = seconds[steps:] - seconds[:-steps]
+        pair = (
+            (user_ids[steps:] == user_ids[:-steps])
+            & (gap_s <= config.covisit_max_gap_s)
+            & (item_ids[steps:] != item_ids[:-steps])
+        )
         earlier, later = item_ids[:-steps][pair], item_ids[steps:][pair]
-        score = behavior_weight[steps:][pair] / steps
+        weight = behavior_weight[steps:][pair] / steps * np.exp2(-gap_s[pair] / config.covisit_half_life_s)
+        score = np.rint(weight * _MICROS).astype(np.int64)
+        day = seconds[steps:][pair] // SECONDS_PER_DAY
         sources += [earlier, later]
         targets += [later, earlier]
+        days += [day, day]
         scores += [score, score]
     pairs = pa.table(
         {
-            ITEM_ID: np.concatenate(sources) if sources else np.array([], np.int64),
-            _NEIGHBOR_ID: np.concatenate(targets) if targets else np.array([], np.int64),
-            _SCORE: np.concatenate(scores) if scores else np.array([], np.float64),
+            ITEM_ID: pa.array(np.concatenate(sources) if sources else [], pa.int64()),
+            _NEIGHBOR_ID: pa.array(np.concatenate(targets) if targets else [], pa.int64()),
+            _DAY: pa.array(np.concatenate(days) if days else [], pa.int64()),
+            _SCORE_MICROS: pa.array(np.concatenate(scores) if scores else [], pa.int64()),
         }
     )
-    return pairs.group_by([ITEM_ID, _NEIGHBOR_ID]).aggregate([(_SCORE, "sum")]).rename_columns(
-        [ITEM_ID, _NEIGHBOR_ID, _SCORE]
-    )
+    return _sum_by(pairs, [ITEM_ID, _NEIGHBOR_ID, _DAY], [_SCORE_MICROS])
 
 
-def top_neighbors(pairs: pa.Table, k: int, as_of: pa.Scalar) -> pa.Table:
-    """Keep the ``k`` highest-scoring neighbours of each item, as list features.
+def _sum_by(table: pa.Table, keys: list[str], values: list[str]) -> pa.Table:
+    summed = table.group_by(keys, use_threads=False).aggregate([(name, "sum") for name in values])
+    return summed.rename_columns([name.removesuffix("_sum") for name in summed.column_names])
 
-    Ties in score are broken by the smaller neighbour id, so the output is deterministic.
+
+def _expand_to_later_days(item_ids: np.ndarray, days: np.ndarray, snapshot_items, snapshot_days) -> tuple[np.ndarray, np.ndarray]:
+    """For each (item, day) row, the indices of the item's snapshot days at or after ``day``.
+
+    Snapshots are sorted by (item, day). Returns the row index and the snapshot index of each pair.
     """
-    pairs = pairs.group_by([ITEM_ID, _NEIGHBOR_ID]).aggregate([(_SCORE, "sum")]).rename_columns(
-        [ITEM_ID, _NEIGHBOR_ID, _SCORE]
+    item_rank_values, snapshot_item_rank = np.unique(snapshot_items, return_inverse=True)
+    row_item_rank = np.searchsorted(item_rank_values, item_ids)
+    day_offset = min(days.min(), snapshot_days.min())
+    snapshot_keys = (snapshot_item_rank << _SECONDS_BITS) + (snapshot_days - day_offset)
+    row_keys = (row_item_rank << _SECONDS_BITS) + (days - day_offset)
+    first = np.searchsorted(snapshot_keys, row_keys, side="left")
+    last = np.searchsorted(snapshot_keys, (row_item_rank + 1) << _SECONDS_BITS, side="left")
+    counts = last - first
+    offsets = np.r_[0, np.cumsum(counts)]
+    rows = np.repeat(np.arange(len(item_ids)), counts)
+    return rows, np.repeat(first - offsets[:-1], counts) + np.arange(offsets[-1])
+
+
+def build_neighbor_snapshots(pairs: pa.Table, k: int) -> pa.Table:
+    """Build item_neighbors rows from co-visit counts of one item bucket.
+
+    For every item and every UTC day d on which it gained co-visits, one row stamped at the end of
+    d holds its ``k`` best neighbours by the score summed over all days up to d. Ties in score go
+    to the smaller neighbour id. NOTE: the work grows with each item's neighbours times its days
+    with new co-visits, which suits logs of days to weeks; a log of years needs coarser days.
+    """
+    pairs = _sum_by(pairs, [ITEM_ID, _NEIGHBOR_ID, _DAY], [_SCORE_MICROS])
+    if pairs.num_rows == 0:
+        return _empty_neighbors()
+    snapshots = pairs.group_by([ITEM_ID, _DAY], use_threads=False).aggregate([])
+    snapshots = snapshots.take(pc.sort_indices(snapshots, [(ITEM_ID, "ascending"), (_DAY, "ascending")]))
+    snapshot_items, snapshot_days = snapshots[ITEM_ID].to_numpy(), snapshots[_DAY].to_numpy()
+    rows, snapshot_index = _expand_to_later_days(
+        pairs[ITEM_ID].to_numpy(), pairs[_DAY].to_numpy(), snapshot_items, snapshot_days
     )
-    order = pc.sort_indices(pairs, [(ITEM_ID, "ascending"), (_SCORE, "descending"), (_NEIGHBOR_ID, "ascending")])
-    pairs = pairs.take(order)
-    item_ids = pairs[ITEM_ID].to_numpy()
-    if len(item_ids) == 0:
-        return pa.table(
-            {
-                ITEM_ID: pa.array([], pa.int64()),
-                "event_timestamp": pa.array([], pa.timestamp("us", tz="UTC")),
-                NEIGHBOR_IDS: pa.array([], pa.list_(pa.int64())),
-                NEIGHBOR_SCORES: pa.array([], pa.list_(pa.float64())),
-            }
-        )
-    starts = np.flatnonzero(np.r_[True, item_ids[1:] != item_ids[:-1]])
-    rank = np.arange(len(item_ids)) - np.repeat(starts, np.diff(np.r_[starts, len(item_ids)]))
-    kept = pairs.filter(pa.array(rank < k))
-    kept_items = kept[ITEM_ID].to_numpy()
-    kept_starts = np.flatnonzero(np.r_[True, kept_items[1:] != kept_items[:-1]])
-    offsets = pa.array(np.r_[kept_starts, len(kept_items)], pa.int32())
+    expanded = pa.table(
+        {
+            ITEM_ID: pa.array(snapshot_items[snapshot_index]),
+            _DAY: pa.array(snapshot_days[snapshot_index]),
+            _NEIGHBOR_ID: pairs[_NEIGHBOR_ID].take(pa.array(rows)),
+            _SCORE_MICROS: pairs[_SCORE_MICROS].take(pa.array(rows)),
+        }
+    )
+    cumulative = _sum_by(expanded, [ITEM_ID, _DAY, _NEIGHBOR_ID], [_SCORE_MICROS])
+    order = pc.sort_indices(
+        cumulative,
+        [(ITEM_ID, "ascending"), (_DAY, "ascending"), (_SCORE_MICROS, "descending"), (_NEIGHBOR_ID, "ascending")],
+    )
+    cumulative = cumulative.take(order)
+    items, days = cumulative[ITEM_ID].to_numpy(), cumulative[_DAY].to_numpy()
+    new_group = np.r_[True, (items[1:] != items[:-1]) | (days[1:] != days[:-1])]
+    position = np.arange(len(items))
+    rank = position - np.maximum.accumulate(np.where(new_group, position, 0))
+    keep = rank < k
+    kept = cumulative.filter(pa.array(keep))
+    starts = np.flatnonzero(new_group[keep])
+    offsets = pa.array(np.r_[starts, kept.num_rows], pa.int32())
+    kept_days = kept[_DAY].to_numpy()[starts]
+    scores = pc.divide(pc.cast(kept[_SCORE_MICROS], pa.float64()), float(_MICROS))
     return pa.table(
         {
-            ITEM_ID: pa.array(kept_items[kept_starts], pa.int64()),
-            EVENT_TIMESTAMP: pa.array([as_of.as_py()] * len(kept_starts), pa.timestamp("us", tz="UTC")),
+            ITEM_ID: pa.array(kept[ITEM_ID].to_numpy()[starts], pa.int64()),
+            EVENT_TIMESTAMP: _day_ends(kept_days),
             NEIGHBOR_IDS: _to_lists(offsets, kept[_NEIGHBOR_ID]),
-            NEIGHBOR_SCORES: _to_lists(offsets, kept[_SCORE]),
+            NEIGHBOR_SCORES: _to_lists(offsets, scores),
         }
     )
 
 
-def count_item_behaviors(events: pa.Table) -> pa.Table:
-    """Count each item's events by behaviour in one block: partial sums for ``item_stats``."""
-    columns = {ITEM_ID: events[ITEM_ID]}
-    for behavior in BEHAVIORS:
-        columns[f"{behavior}_count"] = pc.cast(pc.equal(events[BEHAVIOR], behavior), pa.int64())
-    return pa.table(columns)
+def _day_ends(days: np.ndarray) -> pa.Array:
+    """The UTC midnight that ends each day, as feature timestamps."""
+    return pc.cast(pa.array((days + 1) * SECONDS_PER_DAY * 1_000_000, pa.int64()), _TIMESTAMP_TYPE)
 
 
-def item_stats_rows(counts: pa.Table, as_of: pa.Scalar) -> pa.Table:
-    """Finish ``item_stats`` rows from summed behaviour counts: add buy/pv and the feature timestamp."""
-    counts = counts.rename_columns([name.removeprefix("sum(").removesuffix(")") for name in counts.column_names])
-    pv = pc.cast(counts["pv_count"], pa.float64())
-    buy_per_pv = pc.if_else(pc.greater(pv, 0), pc.divide(pc.cast(counts["buy_count"], pa.float64()), pv), 0.0)
-    return counts.append_column("buy_per_pv", buy_per_pv).append_column(
-        EVENT_TIMESTAMP, pa.array([as_of.as_py()] * counts.num_rows, pa.timestamp("us", tz="UTC"))
+def _empty_neighbors() -> pa.Table:
+    return pa.table(
+        {
+            ITEM_ID: pa.array([], pa.int64()),
+            EVENT_TIMESTAMP: pa.array([], _TIMESTAMP_TYPE),
+            NEIGHBOR_IDS: pa.array([], pa.list_(pa.int64())),
+            NEIGHBOR_SCORES: pa.array([], pa.list_(pa.float64())),
+        }
     )
+
+
+def count_item_days(events: pa.Table) -> pa.Table:
+    """Count each item's events by behaviour and UTC day in one block: partial sums for item_stats."""
+    codes = _behavior_codes(events[BEHAVIOR])
+    columns = {ITEM_ID: events[ITEM_ID], _DAY: pa.array(_seconds(events[EVENT_TIMESTAMP]) // SECONDS_PER_DAY)}
+    for code, behavior in enumerate(BEHAVIORS):
+        columns[behavior] = pa.array((codes == code).astype(np.int64))
+    return _sum_by(pa.table(columns), [ITEM_ID, _DAY], list(BEHAVIORS))
+
+
+def build_item_stats(day_counts: pa.Table) -> pa.Table:
+    """Build item_stats rows of one item bucket from per-day counts.
+
+    For every item, one row is stamped at each UTC midnight s within 7 days after a day with events.
+    ``<behavior>_count_<N>d`` counts the events of the N days before s, and ``<behavior>_per_pv_<N>d``
+    divides by the pv count of those days (0 without pv). The row a week after the last active day
+    has all counts 0, so a later read never sees a stale count.
+    """
+    day_counts = _sum_by(day_counts, [ITEM_ID, _DAY], list(BEHAVIORS))
+    horizon = max(STATS_WINDOWS_DAYS)
+    shift = np.repeat(np.arange(horizon + 1)[None, :], day_counts.num_rows, axis=0).reshape(-1)
+    source = np.repeat(np.arange(day_counts.num_rows), horizon + 1)
+    columns = {
+        ITEM_ID: day_counts[ITEM_ID].take(pa.array(source)),
+        _DAY: pa.array(day_counts[_DAY].to_numpy()[source] + shift),
+    }
+    for behavior in BEHAVIORS:
+        counts = day_counts[behavior].to_numpy()[source]
+        for days in STATS_WINDOWS_DAYS:
+            columns[count_field(behavior, days)] = pa.array(np.where(shift < days, counts, 0))
+    count_names = [name for name in columns if name not in (ITEM_ID, _DAY)]
+    stats = _sum_by(pa.table(columns), [ITEM_ID, _DAY], count_names)
+    stats = stats.take(pc.sort_indices(stats, [(ITEM_ID, "ascending"), (_DAY, "ascending")]))
+
+    output = {ITEM_ID: stats[ITEM_ID], EVENT_TIMESTAMP: _day_ends(stats[_DAY].to_numpy())}
+    for days in STATS_WINDOWS_DAYS:
+        for behavior in BEHAVIORS:
+            output[count_field(behavior, days)] = stats[count_field(behavior, days)]
+    for days in STATS_WINDOWS_DAYS:
+        pv = pc.cast(stats[count_field("pv", days)], pa.float64())
+        for behavior in BEHAVIORS[1:]:
+            ratio = pc.divide(pc.cast(stats[count_field(behavior, days)], pa.float64()), pv)
+            output[ratio_field(behavior, days)] = pc.if_else(pc.greater(pv, 0), ratio, 0.0)
+    return pa.table(output)
 
 
 def _add_bucket(batch: pa.Table, key: str, num_buckets: int) -> pa.Table:
@@ -230,10 +420,65 @@ def _add_bucket(batch: pa.Table, key: str, num_buckets: int) -> pa.Table:
     return batch.append_column(_BUCKET, pa.array((hashed % np.uint64(num_buckets)).astype(np.int64)))
 
 
+def _write_part(table: pa.Table, folder: str, bucket: int) -> None:
+    filesystem, path = storage.resolve(storage.join(folder, f"part-{bucket:05d}.parquet"))
+    pq.write_table(table, path, filesystem=filesystem)
+
+
+def _bucket_id(bucket: pa.Table) -> int:
+    return int(bucket[_BUCKET][0].as_py())
+
+
+def _process_user_bucket(bucket: pa.Table, config: FeatureConfig, paths: dict[str, str]) -> pa.Table:
+    """Write one user bucket's user_sequence, user_stats and co-visit parts; return its counts."""
+    bucket_id = _bucket_id(bucket)
+    events = sort_user_events(bucket.drop_columns([_BUCKET]))
+    events, dropped = cap_user_history(events, config.max_events_per_user)
+    sequences = build_user_sequences(events, config.sequence_length)
+    stats = build_user_stats(events)
+    covisits = count_covisits(events, config)
+    _write_part(sequences, paths[USER_SEQUENCE_VIEW], bucket_id)
+    _write_part(stats, paths[USER_STATS_VIEW], bucket_id)
+    _write_part(covisits, paths[_COVISITS_DIR], bucket_id)
+    return pa.table(
+        {
+            "events": [events.num_rows],
+            "capped_events": [dropped],
+            "snapshots": [sequences.num_rows],
+            "covisit_rows": [covisits.num_rows],
+        }
+    )
+
+
+def _process_item_stats_bucket(bucket: pa.Table, folder: str) -> pa.Table:
+    stats = build_item_stats(bucket.drop_columns([_BUCKET]))
+    _write_part(stats, folder, _bucket_id(bucket))
+    return pa.table({"rows": [stats.num_rows]})
+
+
+def _process_neighbor_bucket(bucket: pa.Table, folder: str, k: int) -> pa.Table:
+    neighbors = build_neighbor_snapshots(bucket.drop_columns([_BUCKET]), k)
+    _write_part(neighbors, folder, _bucket_id(bucket))
+    return pa.table({"rows": [neighbors.num_rows]})
+
+
+def _reset_dir(location: str) -> None:
+    filesystem, path = storage.resolve(location)
+    filesystem.create_dir(path, recursive=True)
+    filesystem.delete_dir_contents(path)
+
+
+def _by_bucket(dataset: ray.data.Dataset, key: str, num_buckets: int):
+    return dataset.map_batches(
+        _add_bucket, fn_kwargs={"key": key, "num_buckets": num_buckets}, batch_format="pyarrow"
+    ).groupby(_BUCKET)
+
+
 def run_feature_job(events_path: str, output_dir: str, config: FeatureConfig | None = None) -> dict[str, str]:
     """Build the offline sources from canonical events and return their paths by feature view.
 
-    Connects to the running Ray instance, or starts a local one.
+    Connects to the running Ray instance, or starts a local one. Each source folder is emptied
+    before the job writes it.
     """
     config = config or FeatureConfig()
     events_path = storage.normalize(events_path)
@@ -241,33 +486,42 @@ def run_feature_job(events_path: str, output_dir: str, config: FeatureConfig | N
     num_events = events.count()
     if num_events == 0:
         raise ValueError(f"no events in {events_path}; ingest a non-empty events file first")
-    as_of = pa.scalar(events.max(EVENT_TIMESTAMP), pa.timestamp("us", tz="UTC"))
     num_buckets = max(1, -(-num_events // config.rows_per_bucket))
-    logger.info("Building features from %d events in %d user buckets, as of %s", num_events, num_buckets, as_of)
+    logger.info("Building features from %d events in %d user buckets", num_events, num_buckets)
 
-    paths = {name: storage.join(output_dir, name) for name in (USER_SEQUENCE_VIEW, ITEM_STATS_VIEW, ITEM_NEIGHBORS_VIEW)}
-    by_user = events.map_batches(
-        _add_bucket, fn_kwargs={"key": USER_ID, "num_buckets": num_buckets}, batch_format="pyarrow"
-    ).groupby(_BUCKET)
+    views = (USER_SEQUENCE_VIEW, USER_STATS_VIEW, ITEM_STATS_VIEW, ITEM_NEIGHBORS_VIEW)
+    paths = {name: storage.join(output_dir, name) for name in (*views, _COVISITS_DIR)}
+    for path in paths.values():
+        _reset_dir(path)
 
-    sequence_length = config.sequence_length
-    by_user.map_groups(
-        lambda bucket: build_user_sequences(bucket.drop_columns([_BUCKET]), sequence_length),
-        batch_format="pyarrow",
-    ).write_parquet(paths[USER_SEQUENCE_VIEW], mode="overwrite")
+    user_counts = _by_bucket(events, USER_ID, num_buckets).map_groups(
+        _process_user_bucket, fn_kwargs={"config": config, "paths": paths}, batch_format="pyarrow"
+    ).materialize()
+    capped, covisit_rows = user_counts.sum("capped_events"), user_counts.sum("covisit_rows") or 0
+    if capped:
+        logger.warning(
+            "Dropped %d events of users with more than %d events from the per-user features",
+            capped,
+            config.max_events_per_user,
+        )
 
-    count_columns = [f"{behavior}_count" for behavior in BEHAVIORS]
-    events.map_batches(count_item_behaviors, batch_format="pyarrow").groupby(ITEM_ID).sum(count_columns).map_batches(
-        item_stats_rows, fn_kwargs={"as_of": as_of}, batch_format="pyarrow"
-    ).write_parquet(paths[ITEM_STATS_VIEW], mode="overwrite")
+    day_counts = events.map_batches(count_item_days, batch_format="pyarrow")
+    _by_bucket(day_counts, ITEM_ID, num_buckets).map_groups(
+        _process_item_stats_bucket, fn_kwargs={"folder": paths[ITEM_STATS_VIEW]}, batch_format="pyarrow"
+    ).materialize()
 
-    window, max_gap_s, k = config.covisit_window, config.covisit_max_gap_s, config.neighbors_per_item
-    covisits = by_user.map_groups(lambda bucket: count_covisits(bucket, window, max_gap_s), batch_format="pyarrow")
-    covisits.map_batches(
-        _add_bucket, fn_kwargs={"key": ITEM_ID, "num_buckets": num_buckets}, batch_format="pyarrow"
-    ).groupby(_BUCKET).map_groups(
-        lambda bucket: top_neighbors(bucket.drop_columns([_BUCKET]), k, as_of), batch_format="pyarrow"
-    ).write_parquet(paths[ITEM_NEIGHBORS_VIEW], mode="overwrite")
+    if covisit_rows:
+        neighbor_buckets = max(1, -(-covisit_rows // config.rows_per_bucket))
+        covisits = ray.data.read_parquet(paths[_COVISITS_DIR])
+        _by_bucket(covisits, ITEM_ID, neighbor_buckets).map_groups(
+            _process_neighbor_bucket,
+            fn_kwargs={"folder": paths[ITEM_NEIGHBORS_VIEW], "k": config.neighbors_per_item},
+            batch_format="pyarrow",
+        ).materialize()
+    else:
+        _write_part(_empty_neighbors(), paths[ITEM_NEIGHBORS_VIEW], 0)
+    filesystem, covisits_path = storage.resolve(paths.pop(_COVISITS_DIR))
+    filesystem.delete_dir(covisits_path)
 
     logger.info("Wrote offline sources to %s", storage.normalize(output_dir))
     return paths
@@ -289,6 +543,12 @@ def main(argv: list[str] | None = None) -> None:
         help="output folder or URI: events/ gets the canonical events, offline/ the Feast offline sources",
     )
     parser.add_argument("--sequence-length", type=int, default=SEQUENCE_LENGTH, help="events kept per user")
+    parser.add_argument(
+        "--max-events-per-user",
+        type=int,
+        default=FeatureConfig.max_events_per_user,
+        help="only each user's most recent events, up to this many, feed the per-user features",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -301,7 +561,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Ingested {report.rows_accepted} of {report.rows_read} rows; rejected by reason: {report.rejected or 'none'}"
     )
     connect_ray()
-    config = FeatureConfig(sequence_length=args.sequence_length)
+    config = FeatureConfig(sequence_length=args.sequence_length, max_events_per_user=args.max_events_per_user)
     paths = run_feature_job(report.events_path, storage.join(args.data_dir, "offline"), config)
     for view, path in paths.items():
         print(f"{view}: {path}")

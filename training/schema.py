@@ -21,6 +21,10 @@ SEQUENCE_LENGTH = 50
 # Number of co-visitation neighbours kept per item.
 NEIGHBORS_PER_ITEM = 20
 
+# Trailing windows, in days, of the behaviour counts in user_stats and item_stats.
+STATS_WINDOWS_DAYS: tuple[int, ...] = (1, 3, 7)
+SECONDS_PER_DAY = 86_400
+
 USER_ENTITY = "user"
 ITEM_ENTITY = "item"
 USER_ID = "user_id"
@@ -34,6 +38,7 @@ EVENT_POSITION = "event_position"
 
 USER_SEQUENCE_VIEW = "user_sequence"
 USER_SEQUENCE_PUSH_SOURCE = "user_sequence_push"
+USER_STATS_VIEW = "user_stats"
 ITEM_STATS_VIEW = "item_stats"
 ITEM_NEIGHBORS_VIEW = "item_neighbors"
 
@@ -44,10 +49,30 @@ SEQUENCE_BEHAVIORS = "behaviors"
 SEQUENCE_TIMESTAMPS_S = "timestamps_s"
 SEQUENCE_FIELDS = (SEQUENCE_ITEM_IDS, SEQUENCE_CATEGORY_IDS, SEQUENCE_BEHAVIORS, SEQUENCE_TIMESTAMPS_S)
 
-ITEM_STATS_FIELDS = ("pv_count", "cart_count", "fav_count", "buy_count", "buy_per_pv")
+
+
+def count_field(behavior: str, days: int) -> str:
+    """Name of the feature that counts ``behavior`` events over the trailing ``days``."""
+    return f"{behavior}_count_{days}d"
+
+
+def ratio_field(behavior: str, days: int) -> str:
+    """Name of the feature ``behavior`` count / pv count over the trailing ``days``."""
+    return f"{behavior}_per_pv_{days}d"
+
+
+COUNT_FIELDS = tuple(count_field(behavior, days) for days in STATS_WINDOWS_DAYS for behavior in BEHAVIORS)
+# Unix seconds of the user's latest event at the row's time.
+LAST_EVENT_S = "last_event_s"
+USER_STATS_FIELDS = (*COUNT_FIELDS, LAST_EVENT_S)
+RATIO_FIELDS = tuple(ratio_field(behavior, days) for days in STATS_WINDOWS_DAYS for behavior in BEHAVIORS[1:])
+ITEM_STATS_FIELDS = (*COUNT_FIELDS, *RATIO_FIELDS)
 
 NEIGHBOR_IDS = "neighbor_ids"
 NEIGHBOR_SCORES = "neighbor_scores"
+
+# Feature views whose offline rows are written by the feature job, in the order it writes them.
+OFFLINE_VIEWS = (USER_SEQUENCE_VIEW, USER_STATS_VIEW, ITEM_STATS_VIEW, ITEM_NEIGHBORS_VIEW)
 
 # Feature services: what each serving stage reads.
 RANKING_SERVICE = "ranking_features"
