@@ -57,7 +57,19 @@ user_sequence = FeatureView(
         Field(name=schema.SEQUENCE_TIMESTAMPS_S, dtype=Array(Int64), description="event times, Unix seconds"),
     ],
     source=user_sequence_push,
-    description=f"The last {schema.SEQUENCE_LENGTH} events of each user.",
+    description=f"The last {schema.SEQUENCE_LENGTH} events of each user at each of its event times.",
+)
+
+user_stats = FeatureView(
+    name=schema.USER_STATS_VIEW,
+    entities=[user],
+    ttl=timedelta(0),
+    schema=[
+        *[Field(name=name, dtype=Int64) for name in schema.COUNT_FIELDS],
+        Field(name=schema.LAST_EVENT_S, dtype=Int64, description="time of the user's latest event, Unix seconds"),
+    ],
+    source=_offline_source(schema.USER_STATS_VIEW),
+    description="Event counts of each user by behaviour over the 1, 3 and 7 days up to the latest event.",
 )
 
 item_stats = FeatureView(
@@ -65,14 +77,14 @@ item_stats = FeatureView(
     entities=[item],
     ttl=timedelta(0),
     schema=[
-        Field(name="pv_count", dtype=Int64),
-        Field(name="cart_count", dtype=Int64),
-        Field(name="fav_count", dtype=Int64),
-        Field(name="buy_count", dtype=Int64),
-        Field(name="buy_per_pv", dtype=Float64, description="buy count divided by pv count, 0 without pv"),
+        *[Field(name=name, dtype=Int64) for name in schema.COUNT_FIELDS],
+        *[
+            Field(name=name, dtype=Float64, description="count divided by the pv count of the window, 0 without pv")
+            for name in schema.RATIO_FIELDS
+        ],
     ],
     source=_offline_source(schema.ITEM_STATS_VIEW),
-    description="Event counts of each item by behaviour type.",
+    description="Event counts of each item by behaviour over the 1, 3 and 7 days before each UTC midnight.",
 )
 
 item_neighbors = FeatureView(
@@ -84,8 +96,8 @@ item_neighbors = FeatureView(
         Field(name=schema.NEIGHBOR_SCORES, dtype=Array(Float64), description="co-visitation score of each"),
     ],
     source=_offline_source(schema.ITEM_NEIGHBORS_VIEW),
-    description=f"Top {schema.NEIGHBORS_PER_ITEM} co-visited items of each item, weighted by behaviour.",
+    description=f"Top {schema.NEIGHBORS_PER_ITEM} co-visited items of each item, weighted by behaviour and time gap.",
 )
 
-ranking_features = FeatureService(name=schema.RANKING_SERVICE, features=[user_sequence])
+ranking_features = FeatureService(name=schema.RANKING_SERVICE, features=[user_sequence, user_stats])
 candidate_features = FeatureService(name=schema.CANDIDATE_SERVICE, features=[item_neighbors, item_stats])

@@ -21,6 +21,7 @@ from feast.data_source import PushMode
 
 from training.artifacts import ModelArtifact, load_artifact
 from training.models import SequenceBatch
+from training.online import SequenceAppender, SequenceEvent
 from training.schema import (
     EVENT_TIMESTAMP,
     ITEM_ID,
@@ -252,56 +253,28 @@ class BehaviorEvent:
 
 
 class SequenceUpdater:
-    """Appends real-time events to users' online sequences through the Feast push source.
+    """Appends real-time events to users' online sequences.
 
-    The new sequence is the stored one plus the new events, ordered by time (ties keep request
-    order) and cut to the last ``sequence_length`` events, as the batch pipeline cuts it. Appends
-    for one user are serialized by a lock, so concurrent requests to this process lose nothing.
-    NOTE: the lock is per process. Two replicas appending for the same user at the same moment can
-    still overwrite each other's read-modify-write.
+    Each user's append is one atomic read-modify-write in the online store
+    (``training.online.SequenceAppender``), so concurrent requests to any number of replicas lose
+    nothing. The new sequence is the stored one plus the new events, ordered by time (ties keep
+    request order) and cut to the last ``sequence_length`` events, as the batch pipeline cuts it.
     """
 
     def __init__(self, repo_path: str | Path, sequence_length: int = SEQUENCE_LENGTH) -> None:
         self.lookup = FeatureLookup(repo_path)
         self.store = self.lookup.store
         self.sequence_length = sequence_length
-        self._locks: dict[int, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
-
-    def _lock(self, user_id: int) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault(user_id, threading.Lock())
+        self.appender = SequenceAppender(self.store, sequence_length)
 
     def append(self, events: Sequence[BehaviorEvent]) -> dict[int, int]:
         """Append events to their users' sequences; return each user's new sequence length."""
-        by_user: dict[int, list[BehaviorEvent]] = {}
+        by_user: dict[int, list[SequenceEvent]] = {}
         for event in events:
-            by_user.setdefault(event.user_id, []).append(event)
-        lengths = {}
-        for user_id, user_events in by_user.items():
-            with self._lock(user_id):
-                lengths[user_id] = self._append_user(user_id, user_events)
-        return lengths
-
-    def _append_user(self, user_id: int, events: list[BehaviorEvent]) -> int:
-        stored = self.lookup.lookup([user_id])[0]
-        rows = list(zip(stored.timestamps_s, stored.item_ids, stored.category_ids, stored.behaviors)) if stored else []
-        rows += [(e.timestamp_s, e.item_id, e.category_id, e.behavior) for e in events]
-        # sorted() is stable: equal timestamps keep stored events first, then request order.
-        rows = sorted(rows, key=lambda row: row[0])[-self.sequence_length :]
-        timestamps, items, categories, behaviors = (list(column) for column in zip(*rows))
-        row = pd.DataFrame(
-            {
-                USER_ID: [user_id],
-                EVENT_TIMESTAMP: [datetime.datetime.fromtimestamp(timestamps[-1], datetime.timezone.utc)],
-                SEQUENCE_ITEM_IDS: [items],
-                SEQUENCE_CATEGORY_IDS: [categories],
-                SEQUENCE_BEHAVIORS: [behaviors],
-                SEQUENCE_TIMESTAMPS_S: [timestamps],
-            }
-        )
-        self.store.push(USER_SEQUENCE_PUSH_SOURCE, row, to=PushMode.ONLINE)
-        return len(items)
+            by_user.setdefault(event.user_id, []).append(
+                SequenceEvent(event.item_id, event.category_id, event.behavior, event.timestamp_s)
+            )
+        return {user_id: len(self.appender.append(user_id, user_events)) for user_id, user_events in by_user.items()}
 
 
 class RecommendationPipeline:

@@ -471,7 +471,7 @@ def _reset_dir(location: str) -> None:
 def _by_bucket(dataset: ray.data.Dataset, key: str, num_buckets: int):
     return dataset.map_batches(
         _add_bucket, fn_kwargs={"key": key, "num_buckets": num_buckets}, batch_format="pyarrow"
-    ).groupby(_BUCKET)
+    ).groupby(_BUCKET, num_partitions=num_buckets)
 
 
 def run_feature_job(events_path: str, output_dir: str, config: FeatureConfig | None = None) -> dict[str, str]:
@@ -497,7 +497,8 @@ def run_feature_job(events_path: str, output_dir: str, config: FeatureConfig | N
     user_counts = _by_bucket(events, USER_ID, num_buckets).map_groups(
         _process_user_bucket, fn_kwargs={"config": config, "paths": paths}, batch_format="pyarrow"
     ).materialize()
-    capped, covisit_rows = user_counts.sum("capped_events"), user_counts.sum("covisit_rows") or 0
+    totals = user_counts.sum(["capped_events", "covisit_rows"])
+    capped, covisit_rows = totals["sum(capped_events)"], totals["sum(covisit_rows)"]
     if capped:
         logger.warning(
             "Dropped %d events of users with more than %d events from the per-user features",
