@@ -47,8 +47,8 @@ def served_stack(ray_instance, tmp_path_factory):
     serve.shutdown()
 
 
-def test_ingest_quarantines_truncated_last_line(served_stack):
-    assert served_stack["report"].rejected == {"malformed": 1}
+def test_ingest_quarantines_truncated_and_out_of_window(served_stack):
+    assert served_stack["report"].rejected == {"malformed": 1, "outside_window": 35}
 
 
 def test_model_beats_popularity_on_same_split(served_stack):

@@ -91,7 +91,7 @@ class TimeWindow:
         return int(start.timestamp()), int(end.timestamp())
 
 
-# Taobao UserBehavior covers 2017-11-25 to 2017-12-03 in China time; the file holds a few events
+# Taobao UserBehavior covers 2017-11-25 to 2017-12-03 in China time. The file contains a few events
 # outside those days, which are quarantined.
 TAOBAO_WINDOW = TimeWindow(datetime.date(2017, 11, 25), datetime.date(2017, 12, 3), "Asia/Shanghai")
 DECLARED_WINDOWS: dict[str, TimeWindow] = {TAOBAO: TAOBAO_WINDOW}

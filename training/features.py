@@ -12,9 +12,10 @@ moment it became true, so a point-in-time join at time t reads only what was kno
 - ``item_neighbors``: per item and day end s, the top ``neighbors_per_item`` co-visited items
   counted over every event before s.
 
-Per-user work runs on user buckets: events are grouped by ``hash(user_id) % num_buckets``, about
-``rows_per_bucket`` events each, and each bucket is processed with vectorized Arrow and NumPy code
-and written to its own Parquet file. The driver sees only counts. Bucket membership depends only on
+Per-user work runs on user buckets of about ``rows_per_bucket`` events, ``hash(user_id) %
+num_buckets``: one pass spills each block's events into bucket folders, and one Ray Data task per
+bucket then processes it with vectorized Arrow and NumPy code and writes its own Parquet parts.
+Item views run the same way on item buckets. The driver receives only counts. Bucket membership depends only on
 the user id and the number of events, events are ordered by (user, time, position in the source),
 and co-visitation scores are summed as integers, so the output is the same for any block layout.
 
@@ -29,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +46,7 @@ from training.schema import (
     CATEGORY_ID,
     EVENT_POSITION,
     EVENT_TIMESTAMP,
+    EVENTS_SCHEMA,
     ITEM_ID,
     ITEM_NEIGHBORS_VIEW,
     ITEM_STATS_VIEW,
@@ -51,6 +54,7 @@ from training.schema import (
     NEIGHBOR_IDS,
     NEIGHBOR_SCORES,
     NEIGHBORS_PER_ITEM,
+    OFFLINE_VIEWS,
     SECONDS_PER_DAY,
     SEQUENCE_BEHAVIORS,
     SEQUENCE_CATEGORY_IDS,
@@ -71,7 +75,7 @@ _BUCKET = "_bucket"
 _NEIGHBOR_ID = "neighbor_id"
 _DAY = "day"
 _SCORE_MICROS = "score_micros"
-_COVISITS_DIR = "_covisits"
+_SHUFFLE_DIR = "_shuffle"
 _TIMESTAMP_TYPE = pa.timestamp("us", tz="UTC")
 # Co-visitation scores are summed in millionths as int64, so the sum is exact in any order.
 _MICROS = 1_000_000
@@ -147,7 +151,7 @@ def _snapshot_rows(user_ids: np.ndarray, seconds: np.ndarray) -> np.ndarray:
 def build_user_sequences(events: pa.Table, sequence_length: int) -> pa.Table:
     """Build the user_sequence snapshots of one user bucket.
 
-    There is one row per user and distinct event second t, stamped t, holding the user's last
+    There is one row per user and distinct event second t, stamped t, containing the user's last
     ``sequence_length`` events at or before t, oldest first. Events of the same second are all in
     the row, in source order.
     """
@@ -262,7 +266,7 @@ def count_covisits(events: pa.Table, config: FeatureConfig) -> pa.Table:
         )
         earlier, later = item_ids[:-steps][pair], item_ids[steps:][pair]
         weight = behavior_weight[steps:][pair] / steps * np.exp2(-gap_s[pair] / config.covisit_half_life_s)
-        score = np.rint(weight * _MICROS).astype(np.int64)
+        score = np.floor(weight * _MICROS + 0.5).astype(np.int64)
         day = seconds[steps:][pair] // SECONDS_PER_DAY
         sources += [earlier, later]
         targets += [later, earlier]
@@ -306,7 +310,7 @@ def build_neighbor_snapshots(pairs: pa.Table, k: int) -> pa.Table:
     """Build item_neighbors rows from co-visit counts of one item bucket.
 
     For every item and every UTC day d on which it gained co-visits, one row stamped at the end of
-    d holds its ``k`` best neighbours by the score summed over all days up to d. Ties in score go
+    d contains its ``k`` best neighbours by the score summed over all days up to d. Ties in score go
     to the smaller neighbour id. NOTE: the work grows with each item's neighbours times its days
     with new co-visits, which suits logs of days to weeks; a log of years needs coarser days.
     """
@@ -354,7 +358,7 @@ def build_neighbor_snapshots(pairs: pa.Table, k: int) -> pa.Table:
 
 
 def _day_ends(days: np.ndarray) -> pa.Array:
-    """The UTC midnight that ends each day, as feature timestamps."""
+    """Convert UTC day numbers to the feature timestamp of the midnight that ends each day."""
     return pc.cast(pa.array((days + 1) * SECONDS_PER_DAY * 1_000_000, pa.int64()), _TIMESTAMP_TYPE)
 
 
@@ -384,7 +388,7 @@ def build_item_stats(day_counts: pa.Table) -> pa.Table:
     For every item, one row is stamped at each UTC midnight s within 7 days after a day with events.
     ``<behavior>_count_<N>d`` counts the events of the N days before s, and ``<behavior>_per_pv_<N>d``
     divides by the pv count of those days (0 without pv). The row a week after the last active day
-    has all counts 0, so a later read never sees a stale count.
+    has all counts 0, so a later read never returns a stale count.
     """
     day_counts = _sum_by(day_counts, [ITEM_ID, _DAY], list(BEHAVIORS))
     horizon = max(STATS_WINDOWS_DAYS)
@@ -420,46 +424,88 @@ def _add_bucket(batch: pa.Table, key: str, num_buckets: int) -> pa.Table:
     return batch.append_column(_BUCKET, pa.array((hashed % np.uint64(num_buckets)).astype(np.int64)))
 
 
-def _write_part(table: pa.Table, folder: str, bucket: int) -> None:
-    filesystem, path = storage.resolve(storage.join(folder, f"part-{bucket:05d}.parquet"))
-    pq.write_table(table, path, filesystem=filesystem)
+def _write_part(table: pa.Table, folder: str, name: str) -> None:
+    filesystem, path = storage.resolve(folder)
+    filesystem.create_dir(path, recursive=True)
+    pq.write_table(table, f"{path}/{name}.parquet", filesystem=filesystem)
 
 
-def _bucket_id(bucket: pa.Table) -> int:
-    return int(bucket[_BUCKET][0].as_py())
+def _write_buckets(table: pa.Table, key: str, num_buckets: int, folder: str, part_name: str) -> None:
+    """Write each bucket's rows of ``table`` to ``<folder>/<bucket>/<part_name>.parquet``."""
+    table = _add_bucket(table, key, num_buckets)
+    buckets = table[_BUCKET].to_numpy()
+    order = np.argsort(buckets, kind="stable")
+    table, buckets = table.take(pa.array(order)).drop_columns([_BUCKET]), buckets[order]
+    starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]]) if len(buckets) else []
+    ends = np.r_[starts[1:], len(buckets)] if len(buckets) else []
+    for start, end in zip(starts, ends):
+        _write_part(table.slice(start, end - start), storage.join(folder, f"{buckets[start]:05d}"), part_name)
 
 
-def _process_user_bucket(bucket: pa.Table, config: FeatureConfig, paths: dict[str, str]) -> pa.Table:
-    """Write one user bucket's user_sequence, user_stats and co-visit parts; return its counts."""
-    bucket_id = _bucket_id(bucket)
-    events = sort_user_events(bucket.drop_columns([_BUCKET]))
-    events, dropped = cap_user_history(events, config.max_events_per_user)
-    sequences = build_user_sequences(events, config.sequence_length)
-    stats = build_user_stats(events)
-    covisits = count_covisits(events, config)
-    _write_part(sequences, paths[USER_SEQUENCE_VIEW], bucket_id)
-    _write_part(stats, paths[USER_STATS_VIEW], bucket_id)
-    _write_part(covisits, paths[_COVISITS_DIR], bucket_id)
-    return pa.table(
-        {
-            "events": [events.num_rows],
-            "capped_events": [dropped],
-            "snapshots": [sequences.num_rows],
-            "covisit_rows": [covisits.num_rows],
-        }
-    )
+def _read_bucket(folder: str, bucket: int, schema: pa.Schema) -> pa.Table:
+    location = storage.join(folder, f"{bucket:05d}")
+    if not storage.exists(location):
+        return schema.empty_table()
+    filesystem, path = storage.resolve(location)
+    return pq.read_table(path, filesystem=filesystem, schema=schema)
 
 
-def _process_item_stats_bucket(bucket: pa.Table, folder: str) -> pa.Table:
-    stats = build_item_stats(bucket.drop_columns([_BUCKET]))
-    _write_part(stats, folder, _bucket_id(bucket))
-    return pa.table({"rows": [stats.num_rows]})
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Folders and bucket counts of one feature job run."""
+
+    views: dict[str, str]
+    user_events: str
+    item_days: str
+    covisits: str
+    num_user_buckets: int
+    num_item_buckets: int
 
 
-def _process_neighbor_bucket(bucket: pa.Table, folder: str, k: int) -> pa.Table:
-    neighbors = build_neighbor_snapshots(bucket.drop_columns([_BUCKET]), k)
-    _write_part(neighbors, folder, _bucket_id(bucket))
-    return pa.table({"rows": [neighbors.num_rows]})
+_DAY_COUNTS_SCHEMA = pa.schema([(ITEM_ID, pa.int64()), (_DAY, pa.int64())] + [(name, pa.int64()) for name in BEHAVIORS])
+_COVISITS_SCHEMA = pa.schema(
+    [(ITEM_ID, pa.int64()), (_NEIGHBOR_ID, pa.int64()), (_DAY, pa.int64()), (_SCORE_MICROS, pa.int64())]
+)
+
+
+def _partition_block(block: pa.Table, layout: _Layout) -> pa.Table:
+    """Spill one block of events into user buckets, and its item-day counts into item buckets."""
+    part_name = uuid.uuid4().hex
+    events = block.select(EVENTS_SCHEMA.names).cast(EVENTS_SCHEMA)
+    _write_buckets(events, USER_ID, layout.num_user_buckets, layout.user_events, part_name)
+    _write_buckets(count_item_days(events), ITEM_ID, layout.num_item_buckets, layout.item_days, part_name)
+    return pa.table({"events": [events.num_rows]})
+
+
+def _process_user_buckets(batch: pa.Table, layout: _Layout, config: FeatureConfig) -> pa.Table:
+    """Write user_sequence, user_stats and co-visit parts of each user bucket in ``batch``."""
+    counts = []
+    for bucket in batch["id"].to_pylist():
+        events = sort_user_events(_read_bucket(layout.user_events, bucket, EVENTS_SCHEMA))
+        events, dropped = cap_user_history(events, config.max_events_per_user)
+        name = f"part-{bucket:05d}"
+        _write_part(build_user_sequences(events, config.sequence_length), layout.views[USER_SEQUENCE_VIEW], name)
+        _write_part(build_user_stats(events), layout.views[USER_STATS_VIEW], name)
+        covisits = count_covisits(events, config)
+        _write_buckets(covisits, ITEM_ID, layout.num_item_buckets, layout.covisits, name)
+        counts.append((events.num_rows, dropped, covisits.num_rows))
+    events, capped, covisits = (list(column) for column in zip(*counts))
+    return pa.table({"events": events, "capped_events": capped, "covisit_rows": covisits})
+
+
+def _process_item_buckets(batch: pa.Table, layout: _Layout, config: FeatureConfig) -> pa.Table:
+    """Write item_stats and item_neighbors parts of each item bucket in ``batch``."""
+    rows = []
+    for bucket in batch["id"].to_pylist():
+        name = f"part-{bucket:05d}"
+        stats = build_item_stats(_read_bucket(layout.item_days, bucket, _DAY_COUNTS_SCHEMA))
+        neighbors = build_neighbor_snapshots(
+            _read_bucket(layout.covisits, bucket, _COVISITS_SCHEMA), config.neighbors_per_item
+        )
+        _write_part(stats, layout.views[ITEM_STATS_VIEW], name)
+        _write_part(neighbors, layout.views[ITEM_NEIGHBORS_VIEW], name)
+        rows.append(stats.num_rows + neighbors.num_rows)
+    return pa.table({"rows": rows})
 
 
 def _reset_dir(location: str) -> None:
@@ -468,17 +514,23 @@ def _reset_dir(location: str) -> None:
     filesystem.delete_dir_contents(path)
 
 
-def _by_bucket(dataset: ray.data.Dataset, key: str, num_buckets: int):
-    return dataset.map_batches(
-        _add_bucket, fn_kwargs={"key": key, "num_buckets": num_buckets}, batch_format="pyarrow"
-    ).groupby(_BUCKET, num_partitions=num_buckets)
+def _over_buckets(num_buckets: int, fn, layout: _Layout, config: FeatureConfig) -> ray.data.Dataset:
+    """Run ``fn`` once per bucket id, one Ray Data task per bucket."""
+    return (
+        ray.data.range(num_buckets, override_num_blocks=num_buckets)
+        .map_batches(fn, batch_size=1, batch_format="pyarrow", fn_kwargs={"layout": layout, "config": config})
+        .materialize()
+    )
 
 
 def run_feature_job(events_path: str, output_dir: str, config: FeatureConfig | None = None) -> dict[str, str]:
     """Build the offline sources from canonical events and return their paths by feature view.
 
-    Connects to the running Ray instance, or starts a local one. Each source folder is emptied
-    before the job writes it.
+    Connects to the running Ray instance, or starts a local one. Three Ray Data passes run: the
+    first spills each block's events into user buckets (and item-day counts into item buckets)
+    under ``<output_dir>/_shuffle``, the second builds each user bucket's views and co-visits, the
+    third each item bucket's views. Each source folder is emptied before the job writes it, and
+    the spill folder is deleted at the end.
     """
     config = config or FeatureConfig()
     events_path = storage.normalize(events_path)
@@ -487,45 +539,36 @@ def run_feature_job(events_path: str, output_dir: str, config: FeatureConfig | N
     if num_events == 0:
         raise ValueError(f"no events in {events_path}; ingest a non-empty events file first")
     num_buckets = max(1, -(-num_events // config.rows_per_bucket))
-    logger.info("Building features from %d events in %d user buckets", num_events, num_buckets)
-
-    views = (USER_SEQUENCE_VIEW, USER_STATS_VIEW, ITEM_STATS_VIEW, ITEM_NEIGHBORS_VIEW)
-    paths = {name: storage.join(output_dir, name) for name in (*views, _COVISITS_DIR)}
-    for path in paths.values():
+    shuffle_dir = storage.join(output_dir, _SHUFFLE_DIR)
+    layout = _Layout(
+        views={name: storage.join(output_dir, name) for name in OFFLINE_VIEWS},
+        user_events=storage.join(shuffle_dir, "user_events"),
+        item_days=storage.join(shuffle_dir, "item_days"),
+        covisits=storage.join(shuffle_dir, "covisits"),
+        num_user_buckets=num_buckets,
+        num_item_buckets=num_buckets,
+    )
+    for path in [*layout.views.values(), shuffle_dir]:
         _reset_dir(path)
+    logger.info("Building features from %d events in %d user and item buckets", num_events, num_buckets)
 
-    user_counts = _by_bucket(events, USER_ID, num_buckets).map_groups(
-        _process_user_bucket, fn_kwargs={"config": config, "paths": paths}, batch_format="pyarrow"
+    events.map_batches(
+        _partition_block, batch_size=None, batch_format="pyarrow", fn_kwargs={"layout": layout}
     ).materialize()
-    totals = user_counts.sum(["capped_events", "covisit_rows"])
-    capped, covisit_rows = totals["sum(capped_events)"], totals["sum(covisit_rows)"]
+    user_counts = _over_buckets(num_buckets, _process_user_buckets, layout, config)
+    capped = user_counts.sum("capped_events")
     if capped:
         logger.warning(
             "Dropped %d events of users with more than %d events from the per-user features",
             capped,
             config.max_events_per_user,
         )
+    _over_buckets(num_buckets, _process_item_buckets, layout, config)
 
-    day_counts = events.map_batches(count_item_days, batch_format="pyarrow")
-    _by_bucket(day_counts, ITEM_ID, num_buckets).map_groups(
-        _process_item_stats_bucket, fn_kwargs={"folder": paths[ITEM_STATS_VIEW]}, batch_format="pyarrow"
-    ).materialize()
-
-    if covisit_rows:
-        neighbor_buckets = max(1, -(-covisit_rows // config.rows_per_bucket))
-        covisits = ray.data.read_parquet(paths[_COVISITS_DIR])
-        _by_bucket(covisits, ITEM_ID, neighbor_buckets).map_groups(
-            _process_neighbor_bucket,
-            fn_kwargs={"folder": paths[ITEM_NEIGHBORS_VIEW], "k": config.neighbors_per_item},
-            batch_format="pyarrow",
-        ).materialize()
-    else:
-        _write_part(_empty_neighbors(), paths[ITEM_NEIGHBORS_VIEW], 0)
-    filesystem, covisits_path = storage.resolve(paths.pop(_COVISITS_DIR))
-    filesystem.delete_dir(covisits_path)
-
+    filesystem, path = storage.resolve(shuffle_dir)
+    filesystem.delete_dir(path)
     logger.info("Wrote offline sources to %s", storage.normalize(output_dir))
-    return paths
+    return dict(layout.views)
 
 
 def main(argv: list[str] | None = None) -> None:

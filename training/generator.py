@@ -110,14 +110,18 @@ def generate_events(config: GeneratorConfig) -> pa.Table:
 
     behavior = rng.choice(len(BEHAVIORS), size=num_events, p=np.asarray(config.behavior_probs))
 
-    # Timestamps: sessions start uniformly in the window, and events follow at gaps of 5 s to
-    # several minutes.
+    # Timestamps: events follow at gaps of 5 s to several minutes, and each session starts
+    # uniformly at a time that ends it inside the window, so every event is in the window.
     window_s = config.window_days * _SECONDS_PER_DAY
-    session_start = config.start_timestamp_s + rng.integers(0, window_s - 3_600, size=num_sessions)
     gaps = np.where(new_session, 0, rng.exponential(60.0, num_events).astype(np.int64) + 5)
     elapsed = np.cumsum(gaps)
     session_first = np.flatnonzero(new_session)
-    timestamp = session_start[session_id] + elapsed - elapsed[session_first][session_id]
+    session_last = np.r_[session_first[1:], num_events] - 1
+    duration_s = np.minimum(elapsed[session_last] - elapsed[session_first], window_s - 1)
+    session_start = config.start_timestamp_s + (rng.random(num_sessions) * (window_s - duration_s)).astype(np.int64)
+    timestamp = session_start[session_id] + np.minimum(
+        elapsed - elapsed[session_first][session_id], window_s - 1
+    )
 
     # Raw ids are sparse and shuffled, as in real logs, so that no code can rely on dense ids.
     user_ids = rng.choice(np.arange(1, 20 * config.num_users + 1), size=config.num_users, replace=False)
