@@ -29,7 +29,7 @@ from helpers import copy_feature_repo
 from training import schema
 from training.features import FeatureConfig, build_user_sequences, run_feature_job
 from training.materialize import materialize
-from training.online import SequenceAppender, SequenceEvent, StoredSequence, user_entity_key
+from training.online import SequenceAppender, SequenceEvent, StoredSequence, merge_sequence, user_entity_key
 
 T0 = 1_511_568_000  # 2017-11-25 00:00 UTC
 MIDDLE_S = T0 + 2 * 86_400 + 1  # no event falls on an odd second
@@ -297,3 +297,31 @@ def test_concurrent_appends_from_processes_lose_nothing(online):
     assert len(items) == writers * appends
     assert sorted(items) == sorted(writer * 1_000 + index for writer in range(writers) for index in range(appends))
     assert rows[schema.SEQUENCE_TIMESTAMPS_S][0] == sorted(rows[schema.SEQUENCE_TIMESTAMPS_S][0])
+
+
+def test_merge_sequence_follows_batch_rule():
+    """Appending a log event by event gives the batch pipeline's last snapshot, ties included."""
+    events = make_events(seed=3)
+    for user_id in READ_USERS[:5]:
+        rows = events.filter(pc.equal(events[schema.USER_ID], user_id)).to_pylist()
+        merged = StoredSequence()
+        for start in range(0, len(rows), 3):
+            batch = [
+                SequenceEvent(r[schema.ITEM_ID], r[schema.CATEGORY_ID], r[schema.BEHAVIOR], int(r[schema.EVENT_TIMESTAMP].timestamp()))
+                for r in rows[start : start + 3]
+            ]
+            merged = merge_sequence(merged, batch, LENGTH)
+        expected = expected_sequence(events, user_id, END_S)
+        assert list(merged.item_ids) == expected[schema.SEQUENCE_ITEM_IDS], user_id
+        assert list(merged.timestamps_s) == expected[schema.SEQUENCE_TIMESTAMPS_S], user_id
+        assert list(merged.behaviors) == expected[schema.SEQUENCE_BEHAVIORS], user_id
+
+
+def test_sequence_event_rejects_unknown_behavior():
+    with pytest.raises(ValueError, match="click"):
+        SequenceEvent(1, 1, "click", T0)
+
+
+def test_sequence_event_rejects_float_timestamp():
+    with pytest.raises(ValueError, match="timestamp_s"):
+        SequenceEvent(1, 1, "pv", 1.5)
