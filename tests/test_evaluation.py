@@ -164,3 +164,31 @@ def test_timestamps_round_down_to_seconds_as_features_do():
     moment = datetime.datetime.fromtimestamp(T0 + 5.75, datetime.timezone.utc)
     table = pa.table({"event_timestamp": pa.array([moment], pa.timestamp("us", tz="UTC"))})
     assert timestamps_seconds(table).tolist() == [T0 + 5]
+
+
+def test_command_line_maps_switches_and_split():
+    from training.train import parse_run
+
+    args, model_options, config, split = parse_run(
+        [
+            "--events", "e.parquet", "--model-dir", "models", "--no-category", "--time-gap",
+            "--split", "temporal", "--validation-time", "2017-12-01T00:00", "--test-time", "1512172800",
+            "--sampled-metrics", "popularity", "--sampled-seed", "5", "--use-gpu", "no",
+        ]
+    )
+    assert model_options["use_category"] is False
+    assert model_options["use_behavior"] is True
+    assert model_options["use_time_gap"] is True
+    assert split.kind == "temporal"
+    assert split.validation_time_s == 1512086400
+    assert split.test_time_s == 1512172800
+    assert config.sampled_metrics == SampledMetricsConfig("popularity", 100, 5)
+    assert config.use_gpu == "no"
+
+
+def test_command_line_rejects_invalid_split(capsys):
+    from training.train import parse_run
+
+    with pytest.raises(SystemExit):
+        parse_run(["--events", "e", "--model-dir", "m", "--split", "temporal", "--test-time", "100"])
+    assert "give both" in capsys.readouterr().err

@@ -632,36 +632,43 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
-    sampled = (
-        SampledMetricsConfig(args.sampled_metrics, args.sampled_negatives, args.sampled_seed)
-        if args.sampled_metrics
-        else None
-    )
-    config = TrainingConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        patience=args.patience,
-        num_workers=args.num_workers,
-        use_gpu=args.use_gpu,
-        seed=args.seed,
-        loss=args.loss,
-        num_negatives=args.num_negatives,
-        log_interval_s=args.log_interval_s,
-        max_failures=args.max_failures,
-        sampled_metrics=sampled,
-    )
-    split = ex.SplitConfig(
-        kind=args.split,
-        validation_quantile=args.validation_quantile,
-        test_quantile=args.test_quantile,
-        validation_time_s=args.validation_time,
-        test_time_s=args.test_time,
-    )
+def parse_run(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict, TrainingConfig, ex.SplitConfig]:
+    """Parse the command line into its namespace, the model options and the typed configs.
+
+    Invalid settings exit with the parser's usage message and the rule they break.
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        sampled = (
+            SampledMetricsConfig(args.sampled_metrics, args.sampled_negatives, args.sampled_seed)
+            if args.sampled_metrics
+            else None
+        )
+        config = TrainingConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay,
+            patience=args.patience,
+            num_workers=args.num_workers,
+            use_gpu=args.use_gpu,
+            seed=args.seed,
+            loss=args.loss,
+            num_negatives=args.num_negatives,
+            log_interval_s=args.log_interval_s,
+            max_failures=args.max_failures,
+            sampled_metrics=sampled,
+        )
+        split = ex.SplitConfig(
+            kind=args.split,
+            validation_quantile=args.validation_quantile,
+            test_quantile=args.test_quantile,
+            validation_time_s=args.validation_time,
+            test_time_s=args.test_time,
+        )
+    except ValueError as error:
+        parser.error(str(error))
     model_options = {
         "hidden_size": args.hidden_size,
         "num_layers": args.num_layers,
@@ -672,6 +679,12 @@ def main(argv: list[str] | None = None) -> None:
         "use_behavior": args.behavior,
         "use_time_gap": args.time_gap,
     }
+    return args, model_options, config, split
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, model_options, config, split = parse_run(argv)
+    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
     connect_ray()
     location = train(args.events, args.model_dir, model_options, config, split=split)
     metrics = storage.read_text(storage.join(location, "metrics.json"))
