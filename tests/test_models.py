@@ -107,6 +107,8 @@ def test_metric_sums_for_known_ranks():
     assert sums["ndcg@10"] == pytest.approx(1.0 + 1.0 / np.log2(11))
     assert sums["hr@20"] == 3
     assert sums["mrr"] == pytest.approx(1.0 + 0.1 + 1.0 / 11)
+    assert sums["mrr@10"] == pytest.approx(1.0 + 0.1)
+    assert sums["mrr@20"] == pytest.approx(1.0 + 0.1 + 1.0 / 11)
 
 
 def full_model(**overrides) -> SASRec:

@@ -75,7 +75,7 @@ def test_metrics_report_best_epoch_and_baselines(recovered_run):
     best = max(history, key=lambda entry: entry["validation"]["ndcg@10"])
     assert metrics["best_epoch"] == best["epoch"]
     assert metrics["sasrec"]["validation"] == best["validation"]
-    for name in ("hr@10", "ndcg@10", "recall@10", "hr@20", "ndcg@20", "recall@20", "mrr"):
+    for name in ("hr@10", "ndcg@10", "recall@10", "mrr@10", "hr@20", "ndcg@20", "recall@20", "mrr@20", "mrr"):
         assert 0.0 <= metrics["sasrec"]["test"][name] <= 1.0, name
     for baseline in ("popularity", "itemcf"):
         assert metrics[baseline]["test"]["count"] == metrics["users_evaluated"], baseline

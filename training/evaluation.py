@@ -21,7 +21,7 @@ from training.models.base import SequenceBatch, SequenceRanker
 from training.schema import PADDING_ID
 
 CUTOFFS = (10, 20)
-METRIC_NAMES = tuple(f"{name}@{k}" for k in CUTOFFS for name in ("hr", "recall", "ndcg")) + ("mrr",)
+METRIC_NAMES = tuple(f"{name}@{k}" for k in CUTOFFS for name in ("hr", "recall", "ndcg", "mrr")) + ("mrr",)
 SAMPLED_PREFIX = "sampled_"
 SAMPLERS = ("uniform", "popularity")
 
@@ -99,9 +99,10 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def metric_sums(ranks: torch.Tensor) -> dict[str, float]:
-    """Sum HR, NDCG and Recall at each cutoff, and MRR, over a batch of target ranks.
+    """Sum HR, NDCG, Recall and MRR at each cutoff, and MRR over the whole list, for a batch of target ranks.
 
     With one target per user, HR@K and Recall@K are equal; both are reported under their usual names.
+    MRR@K counts a target ranked beyond K as 0.
     """
     sums: dict[str, float] = {"count": float(len(ranks))}
     for k in CUTOFFS:
@@ -109,6 +110,7 @@ def metric_sums(ranks: torch.Tensor) -> dict[str, float]:
         sums[f"hr@{k}"] = float(hit.sum())
         sums[f"recall@{k}"] = float(hit.sum())
         sums[f"ndcg@{k}"] = float((hit / torch.log2(ranks + 2)).sum())
+        sums[f"mrr@{k}"] = float((hit / (ranks + 1)).sum())
     sums["mrr"] = float((1.0 / (ranks + 1)).sum())
     return sums
 
