@@ -46,6 +46,10 @@ SPLIT = "split"
 INPUT_COLUMNS = ("item_ids", "category_ids", "behaviors", "timestamps_s")
 TARGETS = "targets"
 MIN_EVENTS_TO_EVALUATE = 3
+# Events per hash-shuffle partition of a groupby. Ray Data's default of 200 partitions makes
+# each groupby on a small data set slow, and this keeps large data sets at up to 200.
+EVENTS_PER_PARTITION = 500_000
+MAX_PARTITIONS = 200
 LEAVE_ONE_OUT = "leave-one-out"
 TEMPORAL = "temporal"
 _TIMESTAMP_S = "_timestamp_s"
@@ -214,15 +218,16 @@ def build_examples(
     num_events = events.count()
     if num_events == 0:
         raise ValueError(f"no events in {events_path}; ingest a non-empty events file first")
-    item_counts = events.groupby(ITEM_ID).count().to_pandas()
+    partitions = shuffle_partitions(num_events)
+    item_counts = events.groupby(ITEM_ID, num_partitions=partitions).count().to_pandas()
     item_vocab = Vocabulary(item_counts[ITEM_ID].to_numpy())
     category_vocab = Vocabulary(np.asarray(events.unique(CATEGORY_ID)))
     num_buckets = max(1, -(-num_events // rows_per_bucket))
-    cuts_s = _temporal_cuts(events, split) if split.kind == TEMPORAL else None
+    cuts_s = _temporal_cuts(events, split, partitions) if split.kind == TEMPORAL else None
 
     examples = (
         events.map_batches(_add_bucket, fn_kwargs={"key": USER_ID, "num_buckets": num_buckets}, batch_format="pyarrow")
-        .groupby(_BUCKET)
+        .groupby(_BUCKET, num_partitions=min(partitions, num_buckets))
         .map_groups(
             lambda bucket: split_user_examples(
                 bucket.drop_columns([_BUCKET]), item_vocab, category_vocab, sequence_length, cuts_s
@@ -232,9 +237,9 @@ def build_examples(
         .materialize()
     )
     splits = {name: examples.filter(expr=col(SPLIT) == name).materialize() for name in (TRAIN, VALIDATION, TEST)}
-    counts = _training_item_counts(events, examples, item_counts, item_vocab, cuts_s)
+    counts = _training_item_counts(events, examples, item_counts, item_vocab, cuts_s, partitions)
 
-    num_users = events.groupby(USER_ID).count().count()
+    num_users = events.groupby(USER_ID, num_partitions=partitions).count().count()
     num_short_users = num_users - splits[TEST].count()
     num_users_not_validated = num_users - splits[VALIDATION].count()
     split_rule = split.describe(cuts_s)
@@ -275,7 +280,12 @@ def timestamp_quantile_s(seconds: np.ndarray, counts: np.ndarray, quantile: floa
     return int(seconds[min(index, len(seconds) - 1)])
 
 
-def _temporal_cuts(events: ray.data.Dataset, split: SplitConfig) -> tuple[int, int]:
+def shuffle_partitions(num_events: int) -> int:
+    """Number of hash-shuffle partitions for a groupby over ``num_events`` rows."""
+    return max(1, min(MAX_PARTITIONS, -(-num_events // EVENTS_PER_PARTITION)))
+
+
+def _temporal_cuts(events: ray.data.Dataset, split: SplitConfig, partitions: int) -> tuple[int, int]:
     """Resolve the validation and test cut times in Unix seconds."""
     if split.test_time_s is not None:
         return int(split.validation_time_s), int(split.test_time_s)
@@ -284,7 +294,7 @@ def _temporal_cuts(events: ray.data.Dataset, split: SplitConfig) -> tuple[int, i
         events.map_batches(
             lambda batch: pa.table({_TIMESTAMP_S: timestamps_seconds(batch)}), batch_format="pyarrow"
         )
-        .groupby(_TIMESTAMP_S)
+        .groupby(_TIMESTAMP_S, num_partitions=partitions)
         .count()
         .to_pandas()
     )
@@ -301,7 +311,7 @@ def _temporal_cuts(events: ray.data.Dataset, split: SplitConfig) -> tuple[int, i
     return cuts
 
 
-def _training_item_counts(events, examples, item_counts, item_vocab: Vocabulary, cuts_s) -> np.ndarray:
+def _training_item_counts(events, examples, item_counts, item_vocab: Vocabulary, cuts_s, partitions: int) -> np.ndarray:
     """Training events per item index (index 0 counts 0)."""
     counts = np.zeros(item_vocab.size_with_padding, dtype=np.int64)
     if cuts_s is not None:
@@ -311,7 +321,7 @@ def _training_item_counts(events, examples, item_counts, item_vocab: Vocabulary,
                 lambda batch: batch.select([ITEM_ID]).filter(pa.array(timestamps_seconds(batch) < cuts_s[0])),
                 batch_format="pyarrow",
             )
-            .groupby(ITEM_ID)
+            .groupby(ITEM_ID, num_partitions=partitions)
             .count()
             .to_pandas()
         )
@@ -323,7 +333,7 @@ def _training_item_counts(events, examples, item_counts, item_vocab: Vocabulary,
     held_out = (
         examples.filter(expr=col(SPLIT) != TRAIN)
         .map_batches(_last_targets, batch_format="pyarrow")
-        .groupby(TARGETS)
+        .groupby(TARGETS, num_partitions=partitions)
         .count()
         .to_pandas()
     )

@@ -378,7 +378,9 @@ def _itemcf_pairs(batch: pa.Table, window: int) -> pa.Table:
     return pa.table({"item": items, "neighbor": neighbors, "count": counts})
 
 
-def build_itemcf(train: ray.data.Dataset, item_counts: np.ndarray, config: ItemCFConfig) -> dict:
+def build_itemcf(
+    train: ray.data.Dataset, item_counts: np.ndarray, config: ItemCFConfig, num_partitions: int | None = None
+) -> dict:
     """Count co-occurrences in the training examples with Ray Data; return ItemCF's top neighbours.
 
     Pairs are grouped by their first item, so only the kept neighbours, at most
@@ -397,7 +399,7 @@ def build_itemcf(train: ray.data.Dataset, item_counts: np.ndarray, config: ItemC
 
     kept = (
         train.map_batches(_itemcf_pairs, fn_kwargs={"window": config.window}, batch_format="pyarrow")
-        .groupby("item")
+        .groupby("item", num_partitions=num_partitions)
         .map_groups(top_of_item, batch_format="pyarrow")
         .to_pandas()
     )
@@ -412,7 +414,10 @@ def build_itemcf(train: ray.data.Dataset, item_counts: np.ndarray, config: ItemC
 
 
 def resolve_use_gpu(setting: str, num_workers: int) -> bool:
-    """Decide whether the workers train on GPUs."""
+    """Decide whether the workers train on GPUs.
+
+    NOTE: only the CPU path runs in the tests; the GPU path (NCCL, CUDA tensors) has not been run.
+    """
     gpus = ray.cluster_resources().get("GPU", 0.0)
     if setting == "yes" and gpus < num_workers:
         raise ValueError(
@@ -444,7 +449,7 @@ def _warn_if_cpus_are_busy(num_workers: int) -> None:
 
 
 def _metrics_report(state: dict, examples: ex.Examples, config: TrainingConfig, wall_time_s: float) -> dict:
-    """The contents of metrics.json, from the final checkpoint's training state."""
+    """Build the contents of metrics.json from the final checkpoint's training state."""
     best, history = state["best"], state["history"]
     train_times = [entry["train_time_s"] for entry in history]
     sequences = [entry["sequences"] for entry in history]
@@ -508,7 +513,9 @@ def train(
             "model": dataclasses.asdict(model_config),
             "training": dataclasses.asdict(config),
             "item_counts": examples.train_item_counts,
-            "itemcf": build_itemcf(examples.train, examples.train_item_counts, itemcf),
+            "itemcf": build_itemcf(
+                examples.train, examples.train_item_counts, itemcf, ex.shuffle_partitions(examples.num_events)
+            ),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
