@@ -197,17 +197,19 @@ class Ranker:
 
     def encode_inputs(self, sequences: Sequence[UserSequence]) -> SequenceBatch:
         """Left-padded model inputs for a batch of sequences; items unknown to the model are skipped."""
-        item_rows, category_rows, behavior_rows = [], [], []
+        item_rows, category_rows, behavior_rows, timestamp_rows = [], [], [], []
         for sequence in sequences:
             items = self.artifact.item_vocab.lookup(np.asarray(sequence.item_ids, dtype=np.int64))
             known = items != 0
             item_rows.append(items[known])
             category_rows.append(self.artifact.category_vocab.lookup(np.asarray(sequence.category_ids))[known])
             behavior_rows.append(behavior_codes(sequence.behaviors)[known])
+            timestamp_rows.append(np.asarray(sequence.timestamps_s, dtype=np.int64)[known])
         return SequenceBatch.from_numpy(
             pad_left(item_rows, self.max_length),
             pad_left(category_rows, self.max_length),
             pad_left(behavior_rows, self.max_length),
+            pad_left(timestamp_rows, self.max_length),
         )
 
     @torch.no_grad()

@@ -1,13 +1,23 @@
 import numpy as np
 
-from test_features import make_events
-from training.examples import TEST, TRAIN, VALIDATION, gather_left_padded, split_user_examples
+import pytest
+
+from test_features import T0, make_events
+from training.examples import (
+    TEST,
+    TRAIN,
+    VALIDATION,
+    SplitConfig,
+    gather_left_padded,
+    split_user_examples,
+    timestamp_quantile_s,
+)
 from training.vocab import Vocabulary
 
 
-def examples_by_split(events, length):
+def examples_by_split(events, length, cuts_s=None):
     table = split_user_examples(
-        events, Vocabulary(events["item_id"].to_numpy()), Vocabulary(events["category_id"].to_numpy()), length
+        events, Vocabulary(events["item_id"].to_numpy()), Vocabulary(events["category_id"].to_numpy()), length, cuts_s
     )
     return {split: [row for row in table.to_pylist() if row["split"] == split] for split in (TRAIN, VALIDATION, TEST)}
 
@@ -62,3 +72,62 @@ def test_behaviors_and_categories_align_with_items():
     assert test["behaviors"] == [0, 1, 4, 2]
     # Category ids 6..9 map to indices 1..4.
     assert test["category_ids"] == [0, 4, 3, 2]
+
+
+def test_examples_carry_event_seconds():
+    events = make_events([(1, 5, 9, "pv", 0), (1, 6, 8, "buy", 7), (1, 7, 7, "cart", 30), (1, 8, 6, "fav", 31)])
+    splits = examples_by_split(events, length=4)
+    assert splits[TEST][0]["timestamps_s"] == [0, T0, T0 + 7, T0 + 30]
+    assert splits[VALIDATION][0]["timestamps_s"] == [0, 0, T0, T0 + 7]
+    train = splits[TRAIN][0]
+    assert [t for t, item in zip(train["timestamps_s"], train["item_ids"]) if item] == [T0]
+
+
+def test_temporal_split_holds_out_first_event_after_each_cut():
+    # User 1 spans both cuts; user 2 has nothing before the validation cut; user 3 ends before it.
+    events = make_events(
+        [(1, 1, 1, "pv", 10), (1, 2, 1, "pv", 20), (1, 3, 1, "pv", 110), (1, 4, 1, "pv", 120), (1, 5, 1, "pv", 210)]
+        + [(2, 6, 1, "pv", 150), (2, 7, 1, "pv", 220)]
+        + [(3, 8, 1, "pv", 30), (3, 9, 1, "pv", 40)]
+    )
+    cuts = (T0 + 100, T0 + 200)
+    splits = examples_by_split(events, length=4, cuts_s=cuts)
+
+    validation = {row["user_id"]: row for row in splits[VALIDATION]}
+    assert set(validation) == {1}
+    assert validation[1]["item_ids"] == [0, 0, 1, 2]
+    assert validation[1]["targets"] == [0, 0, 0, 3]
+
+    test = {row["user_id"]: row for row in splits[TEST]}
+    assert set(test) == {1, 2}
+    assert test[1]["item_ids"] == [1, 2, 3, 4]
+    assert test[1]["targets"] == [0, 0, 0, 5]
+    assert test[2]["item_ids"] == [0, 0, 0, 6]
+    assert test[2]["targets"] == [0, 0, 0, 7]
+
+    # Training uses only events before the validation cut.
+    train_targets = sorted(t for row in splits[TRAIN] for t in row["targets"] if t)
+    assert train_targets == [2, 9]
+
+
+def test_timestamp_quantile_counts_events_per_second():
+    seconds = np.array([30, 10, 20, 40])
+    counts = np.array([1, 5, 2, 2])
+    assert timestamp_quantile_s(seconds, counts, 0.5) == 10
+    assert timestamp_quantile_s(seconds, counts, 0.6) == 20
+    assert timestamp_quantile_s(seconds, counts, 0.75) == 30
+    assert timestamp_quantile_s(seconds, counts, 0.99) == 40
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"kind": "random"}, "split kind"),
+        ({"validation_quantile": 0.9, "test_quantile": 0.8}, "quantiles"),
+        ({"validation_time_s": 10}, "both"),
+        ({"validation_time_s": 20, "test_time_s": 10}, "before the test cut"),
+    ],
+)
+def test_split_config_rejects_bad_settings(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SplitConfig(**settings)

@@ -107,3 +107,184 @@ def test_metric_sums_for_known_ranks():
     assert sums["ndcg@10"] == pytest.approx(1.0 + 1.0 / np.log2(11))
     assert sums["hr@20"] == 3
     assert sums["mrr"] == pytest.approx(1.0 + 0.1 + 1.0 / 11)
+    assert sums["mrr@10"] == pytest.approx(1.0 + 0.1)
+    assert sums["mrr@20"] == pytest.approx(1.0 + 0.1 + 1.0 / 11)
+
+
+def full_model(**overrides) -> SASRec:
+    """A small SASRec with every side-information embedding on."""
+    return small_model(dropout=0.0, use_category=True, use_behavior=True, use_time_gap=True, **overrides)
+
+
+def timed_batch_of(items: list[list[int]], times: list[list[int]], length: int = 8) -> SequenceBatch:
+    batch = batch_of(items, length)
+    timestamps = pad_left([np.asarray(row) for row in times], length)
+    return SequenceBatch(batch.item_ids, batch.category_ids, batch.behaviors, torch.as_tensor(timestamps))
+
+
+def test_causal_mask_hides_each_target_from_its_position():
+    model = full_model()
+    items = [1, 2, 3, 4, 5, 6, 7, 8]
+    times = [100 * (i + 1) for i in range(8)]
+    with torch.no_grad():
+        base = model(timed_batch_of([items], [times]))
+        for target in range(1, 8):
+            # Position target - 1 predicts the item at position target; change only that event.
+            changed_items, changed_times = list(items), list(times)
+            changed_items[target] = 29
+            changed_times[target] += 50_000
+            changed = model(timed_batch_of([changed_items], [changed_times]))
+            assert torch.allclose(base[0, :target], changed[0, :target], atol=1e-6), target
+            assert not torch.allclose(base[0, target], changed[0, target], atol=1e-4), target
+
+
+def test_causal_mask_blocks_gradient_from_later_inputs():
+    model = full_model()
+    batch = timed_batch_of([[1, 2, 3, 4, 5]], [[10, 20, 30, 40, 50]])
+    inputs = model.item_embedding(batch.item_ids).detach().requires_grad_(True)
+    original = model.item_embedding.forward
+    model.item_embedding.forward = lambda ids: inputs
+    try:
+        hidden = model(batch)
+    finally:
+        model.item_embedding.forward = original
+    # Rows are left-padded to 8: the five events sit in positions 3-7. A plain sum of a layer-norm
+    # output has zero gradient, so the state is projected on a fixed random direction.
+    (hidden[0, 5] * torch.randn(hidden.shape[-1])).sum().backward()
+    assert torch.count_nonzero(inputs.grad[0, 6:]) == 0
+    assert torch.count_nonzero(inputs.grad[0, 3:6]) > 0
+
+
+def test_right_padded_batch_is_rejected():
+    items = torch.tensor([[1, 2, 3, 0]])
+    with pytest.raises(ValueError, match="left-padded"):
+        SequenceBatch(items, items.clone(), items.clone())
+
+
+def test_padding_between_events_is_rejected():
+    items = torch.tensor([[0, 1, 0, 3]])
+    with pytest.raises(ValueError, match="left-padded"):
+        SequenceBatch(items, items.clone(), items.clone())
+
+
+def test_sequence_batch_rejects_mismatched_timestamps():
+    items = torch.tensor([[0, 1, 2]])
+    with pytest.raises(ValueError, match="timestamps_s"):
+        SequenceBatch(items, items.clone(), items.clone(), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_padding_amount_does_not_change_scores_with_side_information():
+    model = full_model()
+    with torch.no_grad():
+        short = model.score_all(model.encode(timed_batch_of([[3, 4, 5]], [[10, 70, 4000]], length=4)))
+        long = model.score_all(model.encode(timed_batch_of([[3, 4, 5]], [[10, 70, 4000]], length=8)))
+    assert torch.allclose(short, long, atol=1e-5)
+
+
+def test_batch_neighbours_do_not_change_scores():
+    model = full_model()
+    with torch.no_grad():
+        alone = model.score_all(model.encode(timed_batch_of([[3, 4, 5]], [[10, 70, 4000]])))
+        together = model.score_all(
+            model.encode(timed_batch_of([[1, 2, 3, 4, 5, 6, 7, 8], [3, 4, 5]], [list(range(8)), [10, 70, 4000]]))
+        )
+    assert torch.allclose(alone[0], together[1], atol=1e-5)
+
+
+def test_side_padding_embeddings_are_zero_and_get_no_gradient():
+    model = SASRec(
+        SASRecConfig(num_items=30, num_categories=6, max_length=8, hidden_size=16, use_time_gap=True)
+    )
+    hidden = model(timed_batch_of([[1, 2], [3, 4, 5]], [[5, 9], [1, 2, 3]]))
+    hidden.sum().backward()
+    for embedding in (model.item_embedding, model.category_embedding, model.behavior_embedding, model.time_gap_embedding):
+        assert torch.count_nonzero(embedding.weight[0]) == 0
+        assert torch.count_nonzero(embedding.weight.grad[0]) == 0
+
+
+def test_time_gap_buckets_for_known_gaps():
+    from training.models.sasrec import time_gap_buckets
+
+    items = torch.tensor([[0, 0, 1, 2, 3, 4, 5]])
+    times = torch.tensor([[0, 0, 100, 100, 103, 1_000_103, 2**40]])
+    buckets = time_gap_buckets(items, times, num_buckets=32)
+    # Padding 0; first event 1; gap g lands in 2 + floor(log2(g + 1)), capped at 31.
+    assert buckets.tolist() == [[0, 0, 1, 2, 4, 2 + 19, 31]]
+    assert time_gap_buckets(items, None, num_buckets=32).tolist() == [[0, 0, 1, 1, 1, 1, 1]]
+
+
+def test_time_gap_switch_changes_scores():
+    with_gaps, without_gaps = full_model(), small_model(dropout=0.0, use_time_gap=False)
+    batch_a = timed_batch_of([[3, 4, 5]], [[10, 20, 30]])
+    batch_b = timed_batch_of([[3, 4, 5]], [[10, 20, 10_000_000]])
+    with torch.no_grad():
+        assert not torch.allclose(with_gaps.encode(batch_a), with_gaps.encode(batch_b), atol=1e-4)
+        assert torch.allclose(without_gaps.encode(batch_a), without_gaps.encode(batch_b), atol=1e-6)
+
+
+@pytest.mark.parametrize("switch", ["use_category", "use_behavior", "use_time_gap"])
+def test_each_side_information_switch_removes_its_embedding(switch):
+    model = SASRec(SASRecConfig(num_items=30, num_categories=6, max_length=8, hidden_size=16, **{switch: False}))
+    name = {"use_category": "category_embedding", "use_behavior": "behavior_embedding", "use_time_gap": "time_gap_embedding"}
+    assert getattr(model, name[switch]) is None
+    assert not any(key.startswith(name[switch]) for key in model.state_dict())
+
+
+def test_sampled_loss_masks_negatives_equal_to_target():
+    from training.train import next_item_loss
+
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(3, 4, padding_idx=0)
+    hidden = torch.randn(1, 2, 4)
+    targets = torch.tensor([[0, 1]])
+    # With two items, every negative is item 1 or 2; draws equal to the target 1 are masked.
+    loss = next_item_loss(hidden, targets, embedding, num_negatives=64)
+    assert torch.isfinite(loss)
+    full = next_item_loss(hidden, targets, embedding, num_negatives=None)
+    assert torch.isfinite(full)
+
+
+def test_itemcf_counts_pairs_within_window():
+    from training.models.itemcf import count_cooccurrences
+
+    items, neighbors, counts = count_cooccurrences(np.array([[0, 1, 2, 3], [0, 0, 1, 2]]), window=1)
+    pairs = {(int(a), int(b)): int(c) for a, b, c in zip(items, neighbors, counts)}
+    assert pairs == {(1, 2): 2, (2, 1): 2, (2, 3): 1, (3, 2): 1}
+
+
+def test_itemcf_scores_neighbours_of_recent_items():
+    from training.models import ItemCFConfig, ItemCFRanker
+
+    sequences = np.array([[1, 2, 3], [1, 2, 4], [0, 3, 4]])
+    item_counts = np.array([0, 2, 2, 2, 2])
+    ranker = ItemCFRanker.from_sequences(sequences, item_counts, ItemCFConfig(window=1, recent_items=2, recency_decay=0.5))
+    with torch.no_grad():
+        scores = ranker.score_all(ranker.encode(batch_of([[4, 2]], length=3)))
+    # sim(i, j) = c_ij / sqrt(n_i n_j) = c_ij / 2; the last item (2) weighs 1 and item 4 weighs 0.5.
+    expected = {1: 1.0 * 2 / 2, 2: 0.5 * 1 / 2, 3: 1.0 * 1 / 2 + 0.5 * 1 / 2, 4: 1.0 * 1 / 2}
+    assert torch.isneginf(scores[0, 0])
+    for item, value in expected.items():
+        assert scores[0, item].item() == pytest.approx(value), item
+
+
+def test_itemcf_keeps_top_neighbours_per_item():
+    from training.models.itemcf import top_similarities
+
+    items, neighbors, similarities = top_similarities(
+        np.array([1, 1, 1, 2]), np.array([2, 3, 4, 1]), np.array([1, 5, 5, 1]), np.ones(5), neighbors_per_item=2
+    )
+    assert list(zip(items.tolist(), neighbors.tolist())) == [(1, 3), (1, 4), (2, 1)]
+    assert similarities.tolist() == [5.0, 5.0, 1.0]
+
+
+def test_itemcf_score_matches_score_all():
+    from training.models import ItemCFRanker
+
+    ranker = ItemCFRanker.from_sequences(np.array([[1, 2, 3, 4], [2, 3, 5, 1]]), np.array([0, 2, 2, 2, 1, 1]))
+    with torch.no_grad():
+        state = ranker.encode(batch_of([[1, 2], [5]], length=4))
+        full = ranker.score_all(state)
+        picked = ranker.score(state, torch.tensor([[3, 0, 5], [1, 2, 4]]))
+    assert torch.allclose(picked[0, [0, 2]], full[0, [3, 5]])
+    assert torch.isneginf(picked[0, 1])
+    assert torch.allclose(picked[1], full[1, [1, 2, 4]])

@@ -6,7 +6,9 @@ An artefact is one folder ``<model_dir>/<version>/`` holding:
 - ``config.json``: the model config, the training config and what data it was trained on;
 - ``item_vocab.npy``, ``category_vocab.npy``: raw ids by index, so index i is ``vocab[i - 1]``;
 - ``item_counts.npy``: training events per item index, for the popularity fallback;
-- ``metrics.json``: validation and test metrics at the best epoch, for the model and the baseline.
+- ``metrics.json``: validation and test metrics at the best epoch, for the model and the
+  baselines, with the per-epoch history and timing;
+- ``training_curve.png``: train loss and validation metrics by epoch (written by training runs).
 
 ``<model_dir>/LATEST`` names the newest complete version and is written after the version's
 files, so a reader never sees half an artefact. ``model_dir`` may be a local path or a URI.
@@ -67,8 +69,11 @@ def write_artifact(
     item_counts: np.ndarray,
     metrics: dict,
     run_info: dict,
+    extra_files: dict[str, bytes] | None = None,
 ) -> str:
     """Write a complete artefact version and point LATEST at it; return the version's location.
+
+    ``extra_files`` maps further file names in the version folder to their contents.
 
     ``model_dir`` is a local path or a URI. Locally the version folder appears by one rename. On an
     object store its files are uploaded first, and LATEST, written last, is what makes it visible.
@@ -90,6 +95,8 @@ def write_artifact(
     config = {"version": version, "model": dataclasses.asdict(model_config), **run_info}
     (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    for name, content in (extra_files or {}).items():
+        (staging / name).write_bytes(content)
 
     if local:
         os.replace(staging, final)

@@ -14,24 +14,54 @@ from training.schema import PADDING_ID
 class SequenceBatch:
     """Left-padded index sequences of B users, each tensor of shape (B, L) and dtype int64.
 
-    Padding is index 0 in all three, at the front of each row.
+    Padding is index 0 in every tensor, at the front of each row, so the most recent event is
+    always in the last position. Rows padded on the right, or with padding between events, are
+    rejected: the model counts positions back from the last column. ``timestamps_s`` contains each
+    event's Unix time in seconds (0 at padding). Callers without timestamps leave it None, and
+    models that read time gaps then see every gap as unknown.
     """
 
     item_ids: torch.Tensor
     category_ids: torch.Tensor
     behaviors: torch.Tensor
+    timestamps_s: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        shapes = {self.item_ids.shape, self.category_ids.shape, self.behaviors.shape}
+        tensors = [self.item_ids, self.category_ids, self.behaviors]
+        if self.timestamps_s is not None:
+            tensors.append(self.timestamps_s)
+        shapes = {tuple(tensor.shape) for tensor in tensors}
         if len(shapes) != 1 or self.item_ids.dim() != 2:
             raise ValueError(
-                "item_ids, category_ids and behaviors must share one (B, L) shape, got "
-                f"{tuple(self.item_ids.shape)}, {tuple(self.category_ids.shape)}, {tuple(self.behaviors.shape)}"
+                "item_ids, category_ids, behaviors and timestamps_s must share one (B, L) shape, got "
+                f"{[tuple(tensor.shape) for tensor in tensors]}"
+            )
+        is_item = self.item_ids != PADDING_ID
+        padding_after_item = (is_item[:, :-1] & ~is_item[:, 1:]).any(dim=1)  # (B,)
+        if bool(padding_after_item.any()):
+            rows = torch.nonzero(padding_after_item).flatten().tolist()
+            raise ValueError(
+                f"item_ids rows {rows[:5]} have padding after an item; sequences must be left-padded "
+                "(training.sequences.pad_left) with the most recent event last"
             )
 
     @classmethod
-    def from_numpy(cls, item_ids, category_ids, behaviors) -> "SequenceBatch":
-        return cls(torch.as_tensor(item_ids), torch.as_tensor(category_ids), torch.as_tensor(behaviors))
+    def from_numpy(cls, item_ids, category_ids, behaviors, timestamps_s=None) -> "SequenceBatch":
+        return cls(
+            torch.as_tensor(item_ids),
+            torch.as_tensor(category_ids),
+            torch.as_tensor(behaviors),
+            None if timestamps_s is None else torch.as_tensor(timestamps_s),
+        )
+
+    def to(self, device: torch.device | str) -> "SequenceBatch":
+        """Return the batch with every tensor on ``device``."""
+        return SequenceBatch(
+            self.item_ids.to(device),
+            self.category_ids.to(device),
+            self.behaviors.to(device),
+            None if self.timestamps_s is None else self.timestamps_s.to(device),
+        )
 
 
 class SequenceRanker(torch.nn.Module, abc.ABC):

@@ -13,6 +13,27 @@ from torch import nn
 from training.models.base import SequenceBatch, SequenceRanker
 from training.schema import BEHAVIORS, PADDING_ID
 
+# Time-gap bucket 0 is padding, and bucket 1 an event without a known predecessor: the first event
+# of a sequence, or any event when the batch has no timestamps. A gap of g seconds falls in bucket
+# 2 + floor(log2(g + 1)), capped at the last bucket.
+FIRST_EVENT_GAP_BUCKET = 1
+DEFAULT_TIME_GAP_BUCKETS = 32
+
+
+def time_gap_buckets(item_ids: torch.Tensor, timestamps_s: torch.Tensor | None, num_buckets: int) -> torch.Tensor:
+    """Bucket the gap between each event and the one before it in its row: (B, L) int64.
+
+    Rows are left-padded, so the predecessor of position t is position t - 1 when that contains an item.
+    """
+    is_item = item_ids != PADDING_ID
+    buckets = torch.full_like(item_ids, FIRST_EVENT_GAP_BUCKET)
+    if timestamps_s is not None:
+        gaps_s = (timestamps_s[:, 1:] - timestamps_s[:, :-1]).clamp(min=0).double()  # (B, L - 1)
+        log_buckets = (2 + torch.floor(torch.log2(gaps_s + 1))).long().clamp(max=num_buckets - 1)
+        has_predecessor = is_item[:, :-1] & is_item[:, 1:]
+        buckets[:, 1:] = torch.where(has_predecessor, log_buckets, FIRST_EVENT_GAP_BUCKET)
+    return buckets.masked_fill(~is_item, PADDING_ID)
+
 
 @dataclasses.dataclass(frozen=True)
 class SASRecConfig:
@@ -27,6 +48,9 @@ class SASRecConfig:
     dropout: float = 0.2
     use_category: bool = True
     use_behavior: bool = True
+    use_time_gap: bool = False
+    """Add an embedding of the bucketed time since the previous event (see ``time_gap_buckets``)."""
+    num_time_gap_buckets: int = DEFAULT_TIME_GAP_BUCKETS
 
     def __post_init__(self) -> None:
         if self.num_items < 2:
@@ -36,6 +60,8 @@ class SASRecConfig:
         for name in ("max_length", "hidden_size", "num_layers", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_time_gap_buckets < 3:
+            raise ValueError(f"num_time_gap_buckets must be at least 3, got {self.num_time_gap_buckets}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
         if not 0.0 <= self.dropout < 1.0:
@@ -57,6 +83,9 @@ class SASRec(SequenceRanker):
         )
         self.behavior_embedding = (
             nn.Embedding(len(BEHAVIORS) + 1, d, padding_idx=PADDING_ID) if config.use_behavior else None
+        )
+        self.time_gap_embedding = (
+            nn.Embedding(config.num_time_gap_buckets, d, padding_idx=PADDING_ID) if config.use_time_gap else None
         )
         self.input_dropout = nn.Dropout(config.dropout)
         layer = nn.TransformerEncoderLayer(
@@ -89,6 +118,9 @@ class SASRec(SequenceRanker):
             x = x + self.category_embedding(batch.category_ids)
         if self.behavior_embedding is not None:
             x = x + self.behavior_embedding(batch.behaviors)
+        if self.time_gap_embedding is not None:
+            buckets = time_gap_buckets(item_ids, batch.timestamps_s, self.config.num_time_gap_buckets)
+            x = x + self.time_gap_embedding(buckets)
         x = self.input_dropout(x) * is_item.unsqueeze(-1)
 
         # Query t may attend to key s when s <= t and s is an item. Each position may also attend

@@ -1,0 +1,101 @@
+"""Ray Train runs on generated events: recovery from a killed worker, the metrics report, splits."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.events import ingest_taobao_csv
+from training.examples import SplitConfig, build_examples
+from training.generator import GeneratorConfig, generate_events, write_taobao_csv
+from training.train import FAIL_WORKER_ENV, TrainingConfig, train
+
+FAILED_EPOCH = 3
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def events_path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("events")
+    config = GeneratorConfig(num_users=150, num_items=300, num_categories=15, mean_events_per_user=15)
+    write_taobao_csv(generate_events(config), root / "events.csv")
+    return ingest_taobao_csv(root / "events.csv", root / "events").events_path
+
+
+@pytest.fixture(scope="module")
+def failing_ray(tmp_path_factory):
+    """A local Ray instance whose training workers kill one worker once, during FAILED_EPOCH."""
+    import ray
+
+    marker = tmp_path_factory.mktemp("failure") / "worker-killed"
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {FAIL_WORKER_ENV: f"{FAILED_EPOCH}:{marker}"}},
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield marker
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def recovered_run(failing_ray, events_path, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("models")
+    location = train(
+        events_path,
+        str(model_dir),
+        {"hidden_size": 16, "max_length": 20, "use_time_gap": True},
+        TrainingConfig(epochs=EPOCHS, patience=EPOCHS, learning_rate=0.01, log_interval_s=1.0),
+    )
+    return Path(location), failing_ray
+
+
+def test_killed_worker_resumes_at_saved_epoch(recovered_run):
+    location, marker = recovered_run
+    metrics = json.loads((location / "metrics.json").read_text())
+    assert marker.exists(), "the injected worker failure did not happen"
+    assert metrics["resumed_from_epochs"] == [FAILED_EPOCH - 1]
+    assert [entry["epoch"] for entry in metrics["history"]] == list(range(1, EPOCHS + 1))
+    assert metrics["epochs_run"] == EPOCHS
+
+
+def test_run_writes_model_metrics_and_curve(recovered_run):
+    location, _ = recovered_run
+    for name in ("model.pt", "config.json", "metrics.json", "training_curve.png"):
+        assert (location / name).is_file(), name
+    assert (location / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_report_best_epoch_and_baselines(recovered_run):
+    location, _ = recovered_run
+    metrics = json.loads((location / "metrics.json").read_text())
+    history = metrics["history"]
+    best = max(history, key=lambda entry: entry["validation"]["ndcg@10"])
+    assert metrics["best_epoch"] == best["epoch"]
+    assert metrics["sasrec"]["validation"] == best["validation"]
+    for name in ("hr@10", "ndcg@10", "recall@10", "mrr@10", "hr@20", "ndcg@20", "recall@20", "mrr@20", "mrr"):
+        assert 0.0 <= metrics["sasrec"]["test"][name] <= 1.0, name
+    for baseline in ("popularity", "itemcf"):
+        assert metrics[baseline]["test"]["count"] == metrics["users_evaluated"], baseline
+    assert metrics["users_evaluated"] == 150
+    assert metrics["users_not_evaluated"] == {"validation": 0, "test": 0}
+    assert all(entry["train_loss"] > 0 for entry in history)
+    assert all(entry["sequences_per_s"] > 0 for entry in history)
+    assert metrics["timing"]["time_to_best_s"] <= metrics["timing"]["training_time_s"]
+    assert metrics["sampled_metrics"] is None
+    assert not any(name.startswith("sampled_") for name in metrics["sasrec"]["test"])
+
+
+def test_temporal_split_reports_users_not_evaluated(failing_ray, events_path):
+    examples = build_examples(events_path, 20, split=SplitConfig(kind="temporal", validation_quantile=0.6, test_quantile=0.8))
+    validation_cut, test_cut = examples.cuts_s
+    assert validation_cut < test_cut
+    assert examples.num_users == 150
+    assert examples.num_short_users == examples.num_users - examples.test.count()
+    assert examples.num_users_not_validated == examples.num_users - examples.validation.count()
+    assert 0 < examples.test.count() < 150
+    assert "temporal" in examples.split_rule
+    # Popularity counts only the events before the validation cut.
+    assert examples.train_item_counts.sum() < examples.num_events
