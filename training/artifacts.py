@@ -6,7 +6,8 @@ An artefact is one folder ``<model_dir>/<version>/`` holding:
 - ``config.json``: the model config, the training config and what data it was trained on;
 - ``item_vocab.npy``, ``category_vocab.npy``: raw ids by index, so index i is ``vocab[i - 1]``;
 - ``item_counts.npy``: training events per item index, for the popularity fallback;
-- ``metrics.json``: validation and test metrics at the best epoch, for the model and the baseline.
+- ``metrics.json``: validation and test metrics at the best epoch, for the model and the baseline;
+- ``item_index.faiss``: the ANN index of the item embeddings (``training.retrieval``).
 
 ``<model_dir>/LATEST`` names the newest complete version and is written after the version's
 files, so a reader never sees half an artefact. ``model_dir`` may be a local path or a URI.
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training import storage
+from training import retrieval, storage
 from training.models import PopularityRanker, SASRec, SASRecConfig
 from training.vocab import Vocabulary
 
@@ -90,6 +91,9 @@ def write_artifact(
     config = {"version": version, "model": dataclasses.asdict(model_config), **run_info}
     (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    model = SASRec(model_config)
+    model.load_state_dict(model_state)
+    retrieval.write_index(staging, model.item_embeddings())
 
     if local:
         os.replace(staging, final)
