@@ -339,6 +339,16 @@ class Ingress:
         return lengths
 
 
+def deployment_names(topology: Topology) -> set[str]:
+    """Names of the deployments that ``build_app`` binds for a topology."""
+    names = {Ingress.name, SequenceUpdaterDeployment.name}
+    if topology in ("graph", "ranker"):
+        names.add(RankerDeployment.name)
+    if topology == "graph":
+        names |= {FeatureLookupDeployment.name, CandidateGeneratorDeployment.name}
+    return names
+
+
 def _model_config(args: dict[str, Any]) -> dict:
     return {"model_version": args.get("model_version", "latest")}
 
