@@ -72,8 +72,10 @@ def served(tmp_path_factory, redis_url):
     write_random_artifact(models, ITEMS, CATEGORIES, item_counts=counts, seed=0)
     write_random_artifact(models, ITEMS, CATEGORIES, item_counts=counts, seed=1)
 
-    port = _free_port()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port, metrics_port = _free_port(), _free_port()
+    ray.init(
+        address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     client = _get_global_client()
 
@@ -103,6 +105,7 @@ def served(tmp_path_factory, redis_url):
     deploy([main])
     yield {
         "url": f"http://127.0.0.1:{port}",
+        "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics",
         "repo": repo,
         "root": root,
         "deploy": deploy,
@@ -340,3 +343,20 @@ def test_graph_topology_serves_same_api(served):
     assert len(body["items"]) == 5
     assert all(item["source"] == "model" for item in body["items"])
     assert model["model_version"] == "v0"
+
+
+def test_stage_metrics_reach_ray_metrics_endpoint(served):
+    with httpx.Client(base_url=served["url"], timeout=30) as client:
+        for user in USERS[:5]:
+            assert post(client, user).status_code == 200
+    # Ray's metrics agent exports on an interval, so poll for a while.
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(served["metrics_url"], timeout=10).text
+        if "seqrec_rank_batch_size" in text and "seqrec_stage_latency_s" in text:
+            break
+        time.sleep(2)
+    assert "seqrec_stage_latency_s" in text
+    assert "seqrec_rank_batch_size" in text
+    assert "seqrec_candidates_total" in text

@@ -327,3 +327,20 @@ def test_concurrent_appends_for_one_user_all_land(stack):
         thread.join()
     stored = FeatureLookup(stack["repo"]).lookup([12])[0]
     assert sorted(stored.item_ids) == [1000 + n for n in range(40)]
+
+
+def test_local_app_serves_and_exports_metrics(stack):
+    from fastapi.testclient import TestClient
+
+    from serving.local import create_local_app
+
+    client = TestClient(create_local_app(str(stack["repo"]), str(stack["models"])))
+    response = client.post("/v1/recommend", json={"user_id": 1, "k": 3}, headers={"X-Request-ID": "local-1"})
+    assert response.status_code == 200, response.text
+    assert response.json()["request_id"] == "local-1"
+    assert len(response.json()["items"]) == 3
+    metrics = client.get("/metrics").text
+    for stage in ("feature_lookup", "candidate_generation", "ranking", "request"):
+        assert f'seqrec_stage_latency_s_bucket{{le="0.001",stage="{stage}"}}' in metrics
+    assert 'seqrec_candidates_total{source="cf"}' in metrics
+    assert 'seqrec_stage_errors_total' in metrics
