@@ -3,11 +3,11 @@
 An artefact is one folder ``<model_dir>/<version>/`` holding:
 
 - ``model.pt``: the SASRec weights (a state dict);
+- ``item_index.faiss``: the ANN index of the item embeddings, for retrieval (``training.retrieval``);
 - ``config.json``: the model config, the training config and what data it was trained on;
 - ``item_vocab.npy``, ``category_vocab.npy``: raw ids by index, so index i is ``vocab[i - 1]``;
 - ``item_counts.npy``: training events per item index, for the popularity fallback;
-- ``metrics.json``: validation and test metrics at the best epoch, for the model and the baseline;
-- ``item_index.faiss``: the ANN index of the item embeddings (``training.retrieval``).
+- ``metrics.json``: validation and test metrics at the best epoch, for the model and the baseline.
 
 ``<model_dir>/LATEST`` names the newest complete version and is written after the version's
 files, so a reader never sees half an artefact. ``model_dir`` may be a local path or a URI.
@@ -85,15 +85,15 @@ def write_artifact(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     torch.save(model_state, staging / "model.pt")
+    model = SASRec(model_config)
+    model.load_state_dict(model_state)
+    retrieval.write_index(staging, model.item_embeddings())
     item_vocab.save(staging / "item_vocab.npy")
     category_vocab.save(staging / "category_vocab.npy")
     np.save(staging / "item_counts.npy", np.asarray(item_counts, dtype=np.int64))
     config = {"version": version, "model": dataclasses.asdict(model_config), **run_info}
     (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    model = SASRec(model_config)
-    model.load_state_dict(model_state)
-    retrieval.write_index(staging, model.item_embeddings())
 
     if local:
         os.replace(staging, final)
