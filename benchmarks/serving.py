@@ -78,7 +78,12 @@ WRK_SCRIPT = """
 local users = {%(users)s}
 local k = %(k)d
 local method = "%(method)s"
+local threads = {}
 math.randomseed(%(seed)d)
+degraded = 0
+setup = function(thread)
+  table.insert(threads, thread)
+end
 request = function()
   if method == "GET" then
     return wrk.format("GET", "%(path)s")
@@ -87,13 +92,24 @@ request = function()
   local body = '{"user_id": ' .. user .. ', "k": ' .. k .. '}'
   return wrk.format("POST", "%(path)s", {["Content-Type"] = "application/json"}, body)
 end
+response = function(status, headers, body)
+  -- A degraded response is cheaper than a full one, so it is counted apart.
+  if string.find(body, '"degraded":[', 1, true) and not string.find(body, '"degraded":[]', 1, true) then
+    degraded = degraded + 1
+  end
+end
 done = function(summary, latency, requests)
   local errors = summary.errors
+  local total_degraded = 0
+  for _, thread in ipairs(threads) do
+    total_degraded = total_degraded + thread:get("degraded")
+  end
   io.write(string.format(
     'WRKJSON {"requests": %%d, "duration_us": %%d, "p50_us": %%d, "p95_us": %%d, "p99_us": %%d, ' ..
-    '"non_2xx": %%d, "timeouts": %%d, "socket_errors": %%d}\\n',
+    '"non_2xx": %%d, "timeouts": %%d, "socket_errors": %%d, "degraded": %%d}\n',
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(95),
-    latency:percentile(99), errors.status, errors.timeout, errors.connect + errors.read + errors.write))
+    latency:percentile(99), errors.status, errors.timeout, errors.connect + errors.read + errors.write,
+    total_degraded))
 end
 """
 
@@ -154,6 +170,7 @@ def run_wrk(url: str, users: list[int], concurrency: int, duration_s: int, path:
         "p99_ms": raw["p99_us"] / 1000,
         "requests": raw["requests"],
         "non_2xx": raw["non_2xx"],
+        "degraded": raw["degraded"],
         "timeouts": raw["timeouts"],
         "socket_errors": raw["socket_errors"],
     }
@@ -165,7 +182,8 @@ def load_series(url: str, users: list[int], duration_s: int, path: str = "/v1/re
     for level in CONCURRENCY:
         figures = run_wrk(url, users, level, duration_s, path, method)
         print(f"    c={level:<3} {figures['requests_per_s']:>7.1f} req/s  p50 {figures['p50_ms']:.1f} ms  "
-              f"p95 {figures['p95_ms']:.1f} ms  p99 {figures['p99_ms']:.1f} ms  non-2xx {figures['non_2xx']}", flush=True)
+              f"p95 {figures['p95_ms']:.1f} ms  p99 {figures['p99_ms']:.1f} ms  non-2xx {figures['non_2xx']}  "
+              f"degraded {figures['degraded']}", flush=True)
         series.append(figures)
     return series
 
@@ -393,6 +411,10 @@ def run(
                                  "--model-dir", str(models), "--port", str(port)], cwd=ROOT)
         wait_until_up(f"http://127.0.0.1:{port}/healthz")
         results["plain_uvicorn"] = load_series(f"http://127.0.0.1:{port}", users, duration_s)
+        # One response of the most active user, as a sample of what the load received.
+        results["sample_response"] = httpx.post(
+            f"http://127.0.0.1:{port}/v1/recommend", json={"user_id": users[0], "k": 2}, timeout=10
+        ).json()
         processes.stop(plain)
 
         port = free_port()

@@ -31,7 +31,6 @@ from serving.candidates import (
     EmbeddingSource,
     FilterConfig,
     PopularSource,
-    bought_items,
     merge_candidates,
 )
 from training.artifacts import ModelArtifact, load_artifact
@@ -156,8 +155,20 @@ class ServingModel:
     def load(cls, model_dir: str | Path, version: str = "latest") -> "ServingModel":
         artifact = load_artifact(model_dir, version)
         index = load_index(artifact.location, artifact.model.item_embeddings())
+        model = cls(artifact, index)
+        model.warm_up()
         logger.info("Loaded model version %s from %s", artifact.version, model_dir)
-        return cls(artifact, index)
+        return model
+
+    @torch.no_grad()
+    def warm_up(self, num_candidates: int = 200) -> None:
+        """Score one full-length sequence, so that the first request does not pay torch's start-up."""
+        net = self.artifact.model
+        length, num_items = net.config.max_length, net.config.num_items
+        items = torch.arange(length, dtype=torch.int64).remainder(num_items - 1).add(1).unsqueeze(0)
+        batch = SequenceBatch(items, torch.zeros_like(items), torch.ones_like(items))
+        candidates = torch.arange(num_candidates, dtype=torch.int64).remainder(num_items - 1).add(1).unsqueeze(0)
+        net.score(net.encode(batch), candidates)
 
     @property
     def version(self) -> str:
@@ -191,6 +202,11 @@ class FeatureLookup:
         self.features = [f"{USER_SEQUENCE_VIEW}:{name}" for name in (
             SEQUENCE_ITEM_IDS, SEQUENCE_CATEGORY_IDS, SEQUENCE_BEHAVIORS, SEQUENCE_TIMESTAMPS_S
         )]
+        # The first read loads the registry and connects, so it is made here, not by a request.
+        try:
+            self.lookup([0])
+        except OnlineStoreUnavailable as error:
+            logger.warning("The online store did not answer at start-up, requests will degrade: %s", error)
 
     def lookup(self, user_ids: Sequence[int]) -> list[UserSequence | None]:
         """Return each user's sequence in request order, or None for a user the store lacks.
