@@ -83,13 +83,15 @@ def served(tmp_path_factory, redis_url):
         """Apply a Serve config, as `serve deploy` does, and wait until every app runs."""
         config = {"http_options": {"host": "127.0.0.1", "port": port}, "applications": applications}
         client.deploy_apps(ServeDeploySchema(**config))
-        deadline = time.monotonic() + 180
+        # Replicas import torch and Feast and load the model; on a busy 2-core machine that can
+        # take minutes.
+        deadline = time.monotonic() + 600
         while True:
             statuses = {name: app.status for name, app in serve.status().applications.items()}
             if statuses and all(status == "RUNNING" for status in statuses.values()):
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"Serve applications not running after 180 s: {statuses}")
+                raise TimeoutError(f"Serve applications not running after 600 s: {statuses}")
             time.sleep(0.5)
 
     def app_config(name, prefix, model_version="v0", repo_path=repo, **extra):
