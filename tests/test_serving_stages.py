@@ -1,7 +1,6 @@
 """The serving stages as plain classes, against a real Redis online store."""
 
 import datetime
-import threading
 
 import numpy as np
 import pandas as pd
@@ -26,14 +25,12 @@ from serving.flow import StageTimeouts
 from serving.stages import (
     ONLINE_STORE_UNAVAILABLE,
     RANKING_TIMED_OUT,
-    BehaviorEvent,
     CandidateGenerator,
     FeatureLookup,
     OnlineStoreUnavailable,
     Ranker,
     RankRequest,
     RecommendationPipeline,
-    SequenceUpdater,
     ServingModel,
     UserSequence,
 )
@@ -291,42 +288,6 @@ def test_index_search_matches_exact_neighbors():
     exact = np.argsort(-(unit @ (query / np.linalg.norm(query))))[:10] + 1
     found = index.search(query, 10)
     assert len(set(found.tolist()) & set(exact.tolist())) >= 9
-
-
-def event(user_id, item_id, timestamp_s, behavior="pv"):
-    return BehaviorEvent(user_id, item_id, 1, behavior, timestamp_s)
-
-
-def test_updater_appends_and_truncates_like_batch(stack):
-    updater = SequenceUpdater(stack["repo"], sequence_length=4)
-    lengths = updater.append([event(11, 105, 50), event(11, 104, 40), event(11, 106, 50, "buy")])
-    assert lengths == {11: 3}
-    lengths = updater.append([event(11, 107, 60), event(11, 108, 70)])
-    assert lengths == {11: 4}
-    stored = FeatureLookup(stack["repo"]).lookup([11])[0]
-    # Ordered by time; the two events at t=50 keep request order; the oldest (104) is cut.
-    assert stored.item_ids == (105, 106, 107, 108)
-    assert stored.behaviors == ("pv", "buy", "pv", "pv")
-    assert stored.timestamps_s == (50, 50, 60, 70)
-
-
-def test_updater_extends_existing_sequence(stack):
-    updater = SequenceUpdater(stack["repo"])
-    updater.append([event(2, 101, 100)])
-    assert FeatureLookup(stack["repo"]).lookup([2])[0].item_ids == (120, 101)
-
-
-def test_concurrent_appends_for_one_user_all_land(stack):
-    updater = SequenceUpdater(stack["repo"], sequence_length=500)
-    threads = [
-        threading.Thread(target=updater.append, args=([event(12, 1000 + n, 1000 + n)],)) for n in range(40)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    stored = FeatureLookup(stack["repo"]).lookup([12])[0]
-    assert sorted(stored.item_ids) == [1000 + n for n in range(40)]
 
 
 def test_local_app_serves_and_exports_metrics(stack):
