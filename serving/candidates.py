@@ -27,7 +27,7 @@ SOURCE_ORDER = (RECENT, CF, EMBEDDING, POPULAR)
 
 
 class BoughtItemPolicy(str, enum.Enum):
-    """Which items the user already bought are kept out of their recommendations."""
+    """Policy for keeping items the user already bought out of their recommendations."""
 
     KEEP = "keep"
     """Recommend bought items again (consumables, groceries)."""

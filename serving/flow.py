@@ -4,7 +4,7 @@ The Serve ingress and the in-process pipeline run the same ``recommend`` functio
 only in how a stage is called: through a deployment handle, or directly in this process.
 
 Known failures degrade instead of failing, and each one is named in ``Recommendation.degraded``:
-an online store that does not answer, and a stage that misses its timeout. A user without a
+a failed online store read, and a stage that misses its timeout. A user without a
 sequence gets the popularity fallback, flagged ``cold_start``.
 """
 
@@ -63,7 +63,7 @@ class StageTimeouts:
 
 
 class StageCalls(Protocol):
-    """How the flow reaches the stages. Each call raises TimeoutError when it misses ``timeout_s``."""
+    """Interface through which the flow calls the stages. Each call raises TimeoutError when it misses ``timeout_s``."""
 
     async def lookup(self, user_id: int, timeout_s: float) -> UserSequence | None: ...
 

@@ -68,7 +68,7 @@ DEGRADED_REASONS = (ONLINE_STORE_UNAVAILABLE, FEATURE_LOOKUP_TIMED_OUT, CANDIDAT
 
 
 class OnlineStoreUnavailable(RuntimeError):
-    """The online store did not answer a read."""
+    """A read from the online store failed or timed out."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,12 +206,12 @@ class FeatureLookup:
         try:
             self.lookup([0])
         except OnlineStoreUnavailable as error:
-            logger.warning("The online store did not answer at start-up, requests will degrade: %s", error)
+            logger.warning("Online store read failed at start-up, requests will degrade until it recovers: %s", error)
 
     def lookup(self, user_ids: Sequence[int]) -> list[UserSequence | None]:
         """Return each user's sequence in request order, or None for a user the store lacks.
 
-        Raises OnlineStoreUnavailable when the store does not answer.
+        Raises OnlineStoreUnavailable when the store read fails.
         """
         if not user_ids:
             return []
@@ -243,7 +243,7 @@ class CandidateGenerator:
     """Merges candidates from the user's recent items, CF neighbours, the ANN index and popularity.
 
     CF neighbours come from the ``item_neighbors`` feature view in the online store. When the store
-    does not answer, the other sources still fill the list and the set is flagged.
+    read fails, the other sources still fill the list and the set is flagged.
     """
 
     def __init__(self, repo_path: str | Path, model: ServingModel, config: CandidateConfig | None = None) -> None:
