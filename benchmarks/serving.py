@@ -106,7 +106,7 @@ done = function(summary, latency, requests)
   end
   io.write(string.format(
     'WRKJSON {"requests": %%d, "duration_us": %%d, "p50_us": %%d, "p95_us": %%d, "p99_us": %%d, ' ..
-    '"non_2xx": %%d, "timeouts": %%d, "socket_errors": %%d, "degraded": %%d}\n',
+    '"non_2xx": %%d, "timeouts": %%d, "socket_errors": %%d, "degraded": %%d}\\n',
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(95),
     latency:percentile(99), errors.status, errors.timeout, errors.connect + errors.read + errors.write,
     total_degraded))
