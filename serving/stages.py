@@ -7,21 +7,36 @@ them in one process, without Ray or HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import logging
+import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import redis
 import torch
 from feast.data_source import PushMode
 
+from serving.candidates import (
+    CF,
+    POPULAR,
+    RECENT,
+    CandidateConfig,
+    CandidateSet,
+    EmbeddingSource,
+    FilterConfig,
+    PopularSource,
+    merge_candidates,
+)
 from training.artifacts import ModelArtifact, load_artifact
 from training.models import SequenceBatch
 from training.online import SequenceAppender, SequenceEvent
+from training.retrieval import ItemIndex, load_index
 from training.schema import (
     EVENT_TIMESTAMP,
     ITEM_ID,
@@ -41,6 +56,21 @@ from training.sequences import behavior_codes, pad_left
 
 logger = logging.getLogger(__name__)
 
+# Errors of the online store's client libraries that mean "the store did not answer".
+STORE_ERRORS = (redis.exceptions.RedisError, sqlite3.OperationalError, OSError)
+# Popular items kept ready for fallbacks and backfills; more are computed when exclusions need them.
+POPULAR_ITEMS_CACHED = 1_000
+# Reasons in Recommendation.degraded.
+ONLINE_STORE_UNAVAILABLE = "online_store_unavailable"
+FEATURE_LOOKUP_TIMED_OUT = "feature_lookup_timed_out"
+CANDIDATE_GENERATION_TIMED_OUT = "candidate_generation_timed_out"
+RANKING_TIMED_OUT = "ranking_timed_out"
+DEGRADED_REASONS = (ONLINE_STORE_UNAVAILABLE, FEATURE_LOOKUP_TIMED_OUT, CANDIDATE_GENERATION_TIMED_OUT, RANKING_TIMED_OUT)
+
+
+class OnlineStoreUnavailable(RuntimeError):
+    """A read from the online store failed or timed out."""
+
 
 @dataclasses.dataclass(frozen=True)
 class UserSequence:
@@ -56,6 +86,10 @@ class UserSequence:
         lengths = {len(self.item_ids), len(self.category_ids), len(self.behaviors), len(self.timestamps_s)}
         if len(lengths) != 1:
             raise ValueError(f"sequence lists of user {self.user_id} differ in length: {sorted(lengths)}")
+
+    @property
+    def latest_timestamp_s(self) -> int | None:
+        return max(self.timestamps_s) if self.timestamps_s else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +111,79 @@ class Recommendation:
     cold_start: bool = False
     """The user has no sequence in the online store, so the list is the popularity fallback."""
     backfilled: bool = False
-    """Fewer than k candidates were found, so popular items fill the rest of the list."""
+    """Fewer than k candidates were ranked, so popular items fill the rest of the list."""
+    degraded: tuple[str, ...] = ()
+    """Known failures that were worked around, such as an unreachable online store or a slow stage."""
+    latest_event_timestamp_s: int | None = None
+    """Time of the newest event the list is based on, None without a sequence."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RankRequest:
+    """One user's input to the ranker. Without a sequence or candidates, the list is all backfill."""
+
+    sequence: UserSequence | None
+    candidates: tuple[int, ...]
+    k: int
+    excluded: frozenset[int] = frozenset()
+    """Items that neither the ranked list nor the backfill may contain."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be a positive integer, got {self.k!r}")
+        bad = [item_id for item_id in self.candidates if not isinstance(item_id, (int, np.integer))]
+        if bad:
+            raise ValueError(f"candidate ids must be integers, got {bad[:3]!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RankedList:
+    """The ranker's output for one RankRequest."""
+
+    items: tuple[ScoredItem, ...]
+    model_version: str
+    backfilled: bool
+
+
+@dataclasses.dataclass
+class ServingModel:
+    """A model artefact together with the ANN index of its item embeddings."""
+
+    artifact: ModelArtifact
+    index: ItemIndex | None
+
+    @classmethod
+    def load(cls, model_dir: str | Path, version: str = "latest") -> "ServingModel":
+        artifact = load_artifact(model_dir, version)
+        index = load_index(artifact.location, artifact.model.item_embeddings())
+        model = cls(artifact, index)
+        model.warm_up()
+        logger.info("Loaded model version %s from %s", artifact.version, model_dir)
+        return model
+
+    @torch.no_grad()
+    def warm_up(self, num_candidates: int = 200) -> None:
+        """Score one full-length sequence, so that the first request does not pay torch's start-up."""
+        net = self.artifact.model
+        length, num_items = net.config.max_length, net.config.num_items
+        items = torch.arange(length, dtype=torch.int64).remainder(num_items - 1).add(1).unsqueeze(0)
+        batch = SequenceBatch(items, torch.zeros_like(items), torch.ones_like(items))
+        candidates = torch.arange(num_candidates, dtype=torch.int64).remainder(num_items - 1).add(1).unsqueeze(0)
+        net.score(net.encode(batch), candidates)
+
+    @property
+    def version(self) -> str:
+        return self.artifact.version
+
+    def popular_items(self, k: int, exclude: Iterable[int] = ()) -> list[ScoredItem]:
+        """Return the k most popular training items not in ``exclude``, scored by their event count."""
+        excluded = set(exclude)
+        popularity = self.artifact.popularity
+        top = popularity.top_items(k + len(excluded))
+        raw = self.artifact.item_vocab.raw(top)
+        counts = popularity.counts[torch.from_numpy(top)].tolist()
+        items = [ScoredItem(int(item), float(count), "popularity") for item, count in zip(raw, counts)]
+        return [item for item in items if item.item_id not in excluded][:k]
 
 
 def _open_feature_store(repo_path: str | Path):
@@ -97,14 +203,25 @@ class FeatureLookup:
         self.features = [f"{USER_SEQUENCE_VIEW}:{name}" for name in (
             SEQUENCE_ITEM_IDS, SEQUENCE_CATEGORY_IDS, SEQUENCE_BEHAVIORS, SEQUENCE_TIMESTAMPS_S
         )]
+        # The first read loads the registry and connects, so it is made here, not by a request.
+        try:
+            self.lookup([0])
+        except OnlineStoreUnavailable as error:
+            logger.warning("Online store read failed at start-up, requests will degrade until it recovers: %s", error)
 
     def lookup(self, user_ids: Sequence[int]) -> list[UserSequence | None]:
-        """Return each user's sequence in request order, or None for a user the store lacks."""
+        """Return each user's sequence in request order, or None for a user the store lacks.
+
+        Raises OnlineStoreUnavailable when the store read fails.
+        """
         if not user_ids:
             return []
-        rows = self.store.get_online_features(
-            features=self.features, entity_rows=[{USER_ID: int(user_id)} for user_id in user_ids]
-        ).to_dict()
+        try:
+            rows = self.store.get_online_features(
+                features=self.features, entity_rows=[{USER_ID: int(user_id)} for user_id in user_ids]
+            ).to_dict()
+        except STORE_ERRORS as error:
+            raise OnlineStoreUnavailable(f"online store read of user sequences failed: {error}") from error
         sequences: list[UserSequence | None] = []
         for index, user_id in enumerate(user_ids):
             item_ids = rows[SEQUENCE_ITEM_IDS][index]
@@ -123,34 +240,26 @@ class FeatureLookup:
         return sequences
 
 
-@dataclasses.dataclass(frozen=True)
-class CandidateConfig:
-    """How many candidates to generate and from which recent items."""
-
-    max_candidates: int = 200
-    recent_items: int = 10
-    """Neighbours are read for this many of the user's most recent distinct items."""
-    include_recent_items: bool = True
-    """Also offer the recent items themselves: repeat views are common in e-commerce."""
-    recency_decay: float = 0.8
-    """Weight of the i-th most recent item's neighbours is recency_decay ** i."""
-
-    def __post_init__(self) -> None:
-        if self.max_candidates < 1 or self.recent_items < 1:
-            raise ValueError(
-                f"max_candidates and recent_items must be at least 1, got {self.max_candidates}, {self.recent_items}"
-            )
-        if not 0.0 < self.recency_decay <= 1.0:
-            raise ValueError(f"recency_decay must be in (0, 1], got {self.recency_decay}")
-
-
 class CandidateGenerator:
-    """Item-to-item CF candidates: co-visitation neighbours of the user's recent items."""
+    """Merges candidates from the user's recent items, CF neighbours, the ANN index and popularity.
 
-    def __init__(self, repo_path: str | Path, config: CandidateConfig | None = None) -> None:
+    CF neighbours come from the ``item_neighbors`` feature view in the online store. When the store
+    read fails, the other sources still fill the list and the set is flagged.
+    """
+
+    def __init__(self, repo_path: str | Path, model: ServingModel, config: CandidateConfig | None = None) -> None:
         self.store = _open_feature_store(repo_path)
         self.config = config or CandidateConfig()
         self.features = [f"{ITEM_NEIGHBORS_VIEW}:{NEIGHBOR_IDS}", f"{ITEM_NEIGHBORS_VIEW}:{NEIGHBOR_SCORES}"]
+        self.set_model(model)
+
+    def set_model(self, model: ServingModel) -> None:
+        """Switch the embedding and popularity sources to another model version."""
+        popular = model.artifact.item_vocab.raw(model.artifact.popularity.top_items(POPULAR_ITEMS_CACHED))
+        self.popular = PopularSource(popular)
+        self.embedding = (
+            EmbeddingSource(model.index, model.artifact.item_vocab, self.config.recency_decay) if model.index else None
+        )
 
     def recent_distinct_items(self, sequence: UserSequence) -> list[int]:
         """Return the user's most recent distinct items, most recent first."""
@@ -161,60 +270,87 @@ class CandidateGenerator:
                 break
         return list(seen)
 
-    def generate(self, sequence: UserSequence) -> list[int]:
-        """Return up to ``max_candidates`` item ids, best CF score first, without duplicates."""
-        recent = self.recent_distinct_items(sequence)
-        if not recent:
+    def neighbors(self, recent: Sequence[int], limit: int) -> list[int]:
+        """Return co-visitation neighbours of the recent items by recency-weighted score, best first."""
+        if not recent or limit < 1:
             return []
-        rows = self.store.get_online_features(
-            features=self.features, entity_rows=[{ITEM_ID: item_id} for item_id in recent]
-        ).to_dict()
+        try:
+            rows = self.store.get_online_features(
+                features=self.features, entity_rows=[{ITEM_ID: item_id} for item_id in recent]
+            ).to_dict()
+        except STORE_ERRORS as error:
+            raise OnlineStoreUnavailable(f"online store read of item neighbours failed: {error}") from error
         scores: dict[int, float] = {}
         for rank, (neighbor_ids, neighbor_scores) in enumerate(zip(rows[NEIGHBOR_IDS], rows[NEIGHBOR_SCORES])):
             weight = self.config.recency_decay**rank
             for neighbor_id, score in zip(neighbor_ids or (), neighbor_scores or ()):
                 scores[int(neighbor_id)] = scores.get(int(neighbor_id), 0.0) + weight * float(score)
-        candidates = sorted(scores, key=lambda item_id: (-scores[item_id], item_id))
-        if self.config.include_recent_items:
-            candidates = recent + [item_id for item_id in candidates if item_id not in set(recent)]
-        return candidates[: self.config.max_candidates]
+        return sorted(scores, key=lambda item_id: (-scores[item_id], item_id))[:limit]
+
+    def generate(self, sequence: UserSequence, excluded: Iterable[int] = ()) -> CandidateSet:
+        """Return up to ``max_candidates`` distinct candidates, none of them in ``excluded``."""
+        config = self.config
+        excluded = set(excluded)
+        recent = self.recent_distinct_items(sequence)
+        # Each source is asked for enough items to fill its whole share after exclusions.
+        limit = config.max_candidates + len(excluded)
+        lists: dict[str, list[int]] = {RECENT: recent}
+        degraded: list[str] = []
+        try:
+            lists[CF] = self.neighbors(recent, limit)
+        except OnlineStoreUnavailable as error:
+            logger.warning("CF candidates skipped for user %d: %s", sequence.user_id, error)
+            degraded.append(ONLINE_STORE_UNAVAILABLE)
+        if self.embedding is not None:
+            lists[self.embedding.name] = self.embedding.fetch(recent, limit)
+        lists[POPULAR] = self.popular.fetch(recent, limit)
+        item_ids, sources = merge_candidates(lists, config.quotas, config.max_candidates, excluded)
+        return CandidateSet(tuple(item_ids), tuple(sources), tuple(degraded))
 
 
 class Ranker:
     """Scores candidates with the trained sequence model, exactly as evaluation does."""
 
-    def __init__(self, artifact: ModelArtifact) -> None:
-        self.artifact = artifact
-        self.max_length = artifact.model.config.max_length
+    def __init__(self, model: ServingModel) -> None:
+        self.model = model
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, version: str = "latest") -> "Ranker":
-        return cls(load_artifact(model_dir, version))
+        return cls(ServingModel.load(model_dir, version))
+
+    @property
+    def artifact(self) -> ModelArtifact:
+        return self.model.artifact
 
     @property
     def model_version(self) -> str:
-        return self.artifact.version
+        return self.model.version
 
-    def encode_inputs(self, sequences: Sequence[UserSequence]) -> SequenceBatch:
+    def encode_inputs(self, sequences: Sequence[UserSequence], artifact: ModelArtifact | None = None) -> SequenceBatch:
         """Left-padded model inputs for a batch of sequences; items unknown to the model are skipped."""
+        artifact = artifact or self.artifact
         item_rows, category_rows, behavior_rows, timestamp_rows = [], [], [], []
         for sequence in sequences:
-            items = self.artifact.item_vocab.lookup(np.asarray(sequence.item_ids, dtype=np.int64))
+            items = artifact.item_vocab.lookup(np.asarray(sequence.item_ids, dtype=np.int64))
             known = items != 0
             item_rows.append(items[known])
-            category_rows.append(self.artifact.category_vocab.lookup(np.asarray(sequence.category_ids))[known])
+            category_rows.append(artifact.category_vocab.lookup(np.asarray(sequence.category_ids))[known])
             behavior_rows.append(behavior_codes(sequence.behaviors)[known])
             timestamp_rows.append(np.asarray(sequence.timestamps_s, dtype=np.int64)[known])
+        max_length = artifact.model.config.max_length
         return SequenceBatch.from_numpy(
-            pad_left(item_rows, self.max_length),
-            pad_left(category_rows, self.max_length),
-            pad_left(behavior_rows, self.max_length),
-            pad_left(timestamp_rows, self.max_length),
+            pad_left(item_rows, max_length),
+            pad_left(category_rows, max_length),
+            pad_left(behavior_rows, max_length),
+            pad_left(timestamp_rows, max_length),
         )
 
     @torch.no_grad()
     def rank(self, sequences: Sequence[UserSequence], candidates: Sequence[Sequence[int]], k: int) -> list[list[ScoredItem]]:
         """Return the top k candidates of each user by model score; unknown candidates are dropped."""
+        return self._rank(self.artifact, sequences, candidates, k)
+
+    def _rank(self, artifact: ModelArtifact, sequences, candidates, k: int) -> list[list[ScoredItem]]:
         if len(sequences) != len(candidates):
             raise ValueError(f"got {len(sequences)} sequences but {len(candidates)} candidate lists")
         if not sequences:
@@ -222,9 +358,9 @@ class Ranker:
         width = max(1, max(len(items) for items in candidates))
         candidate_ids = np.zeros((len(candidates), width), dtype=np.int64)
         for row, items in enumerate(candidates):
-            candidate_ids[row, : len(items)] = self.artifact.item_vocab.lookup(np.asarray(items, dtype=np.int64))
-        model = self.artifact.model
-        scores = model.score(model.encode(self.encode_inputs(sequences)), torch.from_numpy(candidate_ids))
+            candidate_ids[row, : len(items)] = artifact.item_vocab.lookup(np.asarray(items, dtype=np.int64))
+        model = artifact.model
+        scores = model.score(model.encode(self.encode_inputs(sequences, artifact)), torch.from_numpy(candidate_ids))
         ranked = []
         for row in range(len(candidates)):
             finite = torch.isfinite(scores[row])
@@ -233,14 +369,41 @@ class Ranker:
             ranked.append([ScoredItem(int(candidates[row][i]), float(scores[row, i])) for i in top])
         return ranked
 
-    def popular_items(self, k: int, exclude: Sequence[int] = ()) -> list[ScoredItem]:
-        """Return the k most popular training items not in ``exclude``, scored by their event count."""
-        excluded = set(exclude)
-        popularity = self.artifact.popularity
-        top = popularity.top_items(k + len(excluded))
-        raw = self.artifact.item_vocab.raw(top)
-        counts = popularity.counts[torch.from_numpy(top)].tolist()
-        return [ScoredItem(int(item), float(count), "popularity") for item, count in zip(raw, counts) if int(item) not in excluded][:k]
+    @torch.no_grad()
+    def rank_requests(self, requests: Sequence[RankRequest]) -> list[RankedList]:
+        """Rank a batch with one model call and backfill each list to k: one output per request.
+
+        A request without a sequence or without candidates skips the model and gets popular items.
+        """
+        # One model version for the whole batch, even if a swap lands while it runs.
+        model = self.model
+        scored = [index for index, request in enumerate(requests) if request.sequence and request.candidates]
+        ranked: dict[int, list[ScoredItem]] = {}
+        if scored:
+            k_max = max(requests[index].k for index in scored)
+            lists = self._rank(
+                model.artifact,
+                [requests[index].sequence for index in scored],
+                [requests[index].candidates for index in scored],
+                k_max,
+            )
+            ranked = dict(zip(scored, lists))
+        outputs = []
+        for index, request in enumerate(requests):
+            items = [item for item in ranked.get(index, []) if item.item_id not in request.excluded][: request.k]
+            outputs.append(complete(model, items, request.k, request.excluded))
+        return outputs
+
+    def popular_items(self, k: int, exclude: Iterable[int] = ()) -> list[ScoredItem]:
+        return self.model.popular_items(k, exclude)
+
+
+def complete(model: ServingModel, ranked: list[ScoredItem], k: int, excluded: Iterable[int] = ()) -> RankedList:
+    """Backfill a ranked list shorter than k with popular items, flagging it."""
+    if len(ranked) >= k:
+        return RankedList(tuple(ranked[:k]), model.version, backfilled=False)
+    backfill = model.popular_items(k - len(ranked), exclude={*excluded, *(item.item_id for item in ranked)})
+    return RankedList(tuple(ranked + backfill), model.version, backfilled=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,29 +443,31 @@ class SequenceUpdater:
 
 
 class RecommendationPipeline:
-    """The three stages composed in one process: the reference for the served graph."""
+    """The three stages composed in one process: the reference for the served graph.
 
-    def __init__(self, lookup: FeatureLookup, generator: CandidateGenerator, ranker: Ranker) -> None:
-        self.lookup = lookup
-        self.generator = generator
-        self.ranker = ranker
+    ``recommend_async`` runs the same flow as the Serve ingress (``serving.flow``), with the
+    stages called in this process.
+    """
 
-    def recommend(self, user_id: int, k: int) -> Recommendation:
-        sequence = self.lookup.lookup([user_id])[0]
-        if sequence is None:
-            return cold_start(self.ranker, user_id, k)
-        candidates = self.generator.generate(sequence)
-        ranked = self.ranker.rank([sequence], [candidates], k)[0]
-        return complete(self.ranker, user_id, ranked, k)
+    def __init__(
+        self,
+        lookup: FeatureLookup,
+        generator: CandidateGenerator,
+        ranker: Ranker,
+        filters: FilterConfig | None = None,
+        timeouts: "StageTimeouts | None" = None,
+        in_threads: bool = False,
+    ) -> None:
+        from serving.flow import LocalStageCalls, StageTimeouts
 
+        self.calls = LocalStageCalls(lookup, generator, ranker, in_threads=in_threads)
+        self.filters = filters or FilterConfig()
+        self.timeouts = timeouts or StageTimeouts()
 
-def cold_start(ranker: Ranker, user_id: int, k: int) -> Recommendation:
-    return Recommendation(user_id, tuple(ranker.popular_items(k)), ranker.model_version, cold_start=True)
+    async def recommend_async(self, user_id: int, k: int, exclude: Iterable[int] = ()) -> Recommendation:
+        from serving.flow import recommend
 
+        return await recommend(self.calls, user_id, k, exclude, self.filters, self.timeouts)
 
-def complete(ranker: Ranker, user_id: int, ranked: list[ScoredItem], k: int) -> Recommendation:
-    """Backfill a ranked list shorter than k with popular items, flagging it."""
-    if len(ranked) >= k:
-        return Recommendation(user_id, tuple(ranked[:k]), ranker.model_version)
-    backfill = ranker.popular_items(k - len(ranked), exclude=[item.item_id for item in ranked])
-    return Recommendation(user_id, tuple(ranked + backfill), ranker.model_version, backfilled=True)
+    def recommend(self, user_id: int, k: int, exclude: Iterable[int] = ()) -> Recommendation:
+        return asyncio.run(self.recommend_async(user_id, k, exclude))

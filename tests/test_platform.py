@@ -191,13 +191,12 @@ def test_serve_deployments_exist_in_app():
 
 
 def test_serve_config_covers_every_deployment():
-    from ray.serve import Deployment
-
     import serving.app
 
-    in_code = {value.name for value in vars(serving.app).values() if isinstance(value, Deployment)}
-    configured = {deployment["name"] for deployment in serve_application()["deployments"]}
-    assert in_code == configured
+    application = serve_application()
+    bound = serving.app.deployment_names(application["args"].get("topology", serving.app.DEFAULT_TOPOLOGY))
+    configured = {deployment["name"] for deployment in application["deployments"]}
+    assert bound == configured
 
 
 def test_serve_num_cpus_fractional():

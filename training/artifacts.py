@@ -3,6 +3,7 @@
 An artefact is one folder ``<model_dir>/<version>/`` holding:
 
 - ``model.pt``: the SASRec weights (a state dict);
+- ``item_index.faiss``: the ANN index of the item embeddings, for retrieval (``training.retrieval``);
 - ``config.json``: the model config, the training config and what data it was trained on;
 - ``item_vocab.npy``, ``category_vocab.npy``: raw ids by index, so index i is ``vocab[i - 1]``;
 - ``item_counts.npy``: training events per item index, for the popularity fallback;
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training import storage
+from training import retrieval, storage
 from training.models import PopularityRanker, SASRec, SASRecConfig
 from training.vocab import Vocabulary
 
@@ -89,6 +90,9 @@ def write_artifact(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     torch.save(model_state, staging / "model.pt")
+    model = SASRec(model_config)
+    model.load_state_dict(model_state)
+    retrieval.write_index(staging, model.item_embeddings())
     item_vocab.save(staging / "item_vocab.npy")
     category_vocab.save(staging / "category_vocab.npy")
     np.save(staging / "item_counts.npy", np.asarray(item_counts, dtype=np.int64))
