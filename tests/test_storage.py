@@ -12,7 +12,7 @@ from serving.client import sample_users
 from training import storage
 from training.artifacts import LATEST, load_artifact, resolve_version
 from training.events import ingest_taobao_csv, read_events
-from training.features import run_feature_job
+from training.features import latest_rows, run_feature_job
 
 
 def test_join_keeps_uri_scheme():
@@ -79,6 +79,6 @@ def test_feature_job_accepts_file_uris(ray_instance, tmp_path):
     pq.write_table(events, tmp_path / "events.parquet")
     paths = run_feature_job(f"file://{tmp_path}/events.parquet", f"file://{tmp_path}/offline")
     assert all(path.startswith("file://") for path in paths.values())
-    sequences = pq.read_table(tmp_path / "offline" / "user_sequence")
+    sequences = latest_rows(pq.read_table(tmp_path / "offline" / "user_sequence"), "user_id")
     assert sorted(sequences["user_id"].to_pylist()) == [1, 2, 3, 4, 5]
     assert np.all(np.array([len(x) for x in sequences["item_ids"].to_pylist()]) == 4)
