@@ -30,6 +30,8 @@ CATEGORIES = [1, 2, 3]
 USERS = list(range(1, 21))
 REDIS_DB = 2
 APP = "seqrec-http"
+# Generous, so that a busy test machine does not turn the checked lists into degraded ones.
+PATIENT_TIMEOUTS = {"request_deadline_s": 60, "feature_lookup_s": 30, "candidate_generation_s": 30, "ranking_s": 30}
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +97,8 @@ def served(tmp_path_factory, redis_url):
             time.sleep(0.5)
 
     def app_config(name, prefix, model_version="v0", repo_path=repo, **extra):
-        args = {"feature_repo": str(repo_path), "model_dir": str(models), **extra.pop("args", {})}
+        args = {"feature_repo": str(repo_path), "model_dir": str(models), "timeouts": PATIENT_TIMEOUTS,
+                **extra.pop("args", {})}
         model_config = {"model_version": model_version}
         deployments = [{"name": "Ingress", "user_config": model_config, **extra.pop("ingress", {})}]
         if args.get("topology", "ranker") != "single":
@@ -287,7 +290,7 @@ def test_degraded_paths_are_flagged_not_failed(served):
     apps = [
         served["main"],
         served["app_config"]("broken", "/broken", repo_path=broken, args={"topology": "single"}),
-        served["app_config"]("slow", "/slow", args={"topology": "single", "timeouts": {"ranking_s": 1e-6}}),
+        served["app_config"]("slow", "/slow", args={"topology": "single", "timeouts": {**PATIENT_TIMEOUTS, "ranking_s": 1e-6}}),
     ]
     served["deploy"](apps)
     try:

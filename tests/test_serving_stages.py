@@ -1,5 +1,6 @@
 """The serving stages as plain classes, against a real Redis online store."""
 
+import dataclasses
 import datetime
 
 import numpy as np
@@ -42,6 +43,8 @@ NOW = datetime.datetime(2017, 12, 3, tzinfo=datetime.timezone.utc)
 ITEMS = list(range(101, 121))
 CATEGORIES = [1, 2, 3]
 REDIS_DB = 1
+# Generous, so that a busy test machine does not turn the checked lists into degraded ones.
+PATIENT = StageTimeouts(request_deadline_s=60, feature_lookup_s=30, candidate_generation_s=30, ranking_s=30)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +90,7 @@ def model(stack):
 
 def pipeline_for(stack, model, repo=None, **kwargs):
     repo = repo or stack["repo"]
+    kwargs.setdefault("timeouts", PATIENT)
     return RecommendationPipeline(
         FeatureLookup(repo), CandidateGenerator(repo, model), Ranker(model), **kwargs
     )
@@ -234,6 +238,7 @@ def test_pipeline_backfills_short_candidate_lists(stack, model):
     pipeline = RecommendationPipeline(
         FeatureLookup(stack["repo"]), CandidateGenerator(stack["repo"], model, config), Ranker(model),
         filters=FilterConfig(BoughtItemPolicy.KEEP),
+        timeouts=PATIENT,
     )
     result = pipeline.recommend(2, k=5)  # one recent item, no neighbours; the free slots stay empty
     assert not result.cold_start
@@ -261,7 +266,7 @@ def test_pipeline_degrades_when_store_unreachable(stack, model):
 
 
 def test_pipeline_flags_slow_ranking(stack, model):
-    timeouts = StageTimeouts(ranking_s=1e-9)
+    timeouts = dataclasses.replace(PATIENT, ranking_s=1e-9)
     result = pipeline_for(stack, model, timeouts=timeouts).recommend(1, k=4, exclude=[101])
     assert result.degraded == (RANKING_TIMED_OUT,)
     assert len(result.items) == 4
