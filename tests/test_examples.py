@@ -8,6 +8,7 @@ from training.examples import (
     TRAIN,
     VALIDATION,
     SplitConfig,
+    build_examples,
     gather_left_padded,
     split_user_examples,
     timestamp_quantile_s,
@@ -131,3 +132,22 @@ def test_timestamp_quantile_counts_events_per_second():
 def test_split_config_rejects_bad_settings(settings, message):
     with pytest.raises(ValueError, match=message):
         SplitConfig(**settings)
+
+
+def test_temporal_split_reports_users_not_evaluated(ray_instance, tmp_path):
+    from training.events import ingest_taobao_csv
+    from training.generator import GeneratorConfig, generate_events, write_taobao_csv
+
+    config = GeneratorConfig(num_users=150, num_items=300, num_categories=15, mean_events_per_user=15)
+    write_taobao_csv(generate_events(config), tmp_path / "events.csv")
+    events_path = ingest_taobao_csv(tmp_path / "events.csv", tmp_path / "events").events_path
+    examples = build_examples(events_path, 20, split=SplitConfig(kind="temporal", validation_quantile=0.6, test_quantile=0.8))
+    validation_cut, test_cut = examples.cuts_s
+    assert validation_cut < test_cut
+    assert examples.num_users == 150
+    assert examples.num_short_users == examples.num_users - examples.test.count()
+    assert examples.num_users_not_validated == examples.num_users - examples.validation.count()
+    assert 0 < examples.test.count() < 150
+    assert "temporal" in examples.split_rule
+    # Popularity counts only the events before the validation cut.
+    assert examples.train_item_counts.sum() < examples.num_events

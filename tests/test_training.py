@@ -1,4 +1,4 @@
-"""Ray Train runs on generated events: recovery from a killed worker, the metrics report, splits."""
+"""Ray Train runs on generated events: recovery from a killed worker and the metrics report."""
 
 import json
 from pathlib import Path
@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 from training.events import ingest_taobao_csv
-from training.examples import SplitConfig, build_examples
 from training.generator import GeneratorConfig, generate_events, write_taobao_csv
 from training.train import FAIL_WORKER_ENV, TrainingConfig, train
 
@@ -86,16 +85,3 @@ def test_metrics_report_best_epoch_and_baselines(recovered_run):
     assert metrics["timing"]["time_to_best_s"] <= metrics["timing"]["training_time_s"]
     assert metrics["sampled_metrics"] is None
     assert not any(name.startswith("sampled_") for name in metrics["sasrec"]["test"])
-
-
-def test_temporal_split_reports_users_not_evaluated(failing_ray, events_path):
-    examples = build_examples(events_path, 20, split=SplitConfig(kind="temporal", validation_quantile=0.6, test_quantile=0.8))
-    validation_cut, test_cut = examples.cuts_s
-    assert validation_cut < test_cut
-    assert examples.num_users == 150
-    assert examples.num_short_users == examples.num_users - examples.test.count()
-    assert examples.num_users_not_validated == examples.num_users - examples.validation.count()
-    assert 0 < examples.test.count() < 150
-    assert "temporal" in examples.split_rule
-    # Popularity counts only the events before the validation cut.
-    assert examples.train_item_counts.sum() < examples.num_events
