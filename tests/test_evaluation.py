@@ -78,7 +78,7 @@ def _events_for_two_users():
 
 
 def test_evaluation_scores_a_user_as_serving_does(tmp_path):
-    from serving.stages import Ranker, UserSequence
+    from serving.stages import Ranker, ServingModel, UserSequence
 
     events = _events_for_two_users()
     item_vocab = Vocabulary(events["item_id"].to_numpy())
@@ -96,7 +96,7 @@ def test_evaluation_scores_a_user_as_serving_does(tmp_path):
         np.ones(item_vocab.size_with_padding, dtype=np.int64), metrics={}, run_info={},
     )
     artifact = load_artifact(tmp_path)
-    ranker = Ranker(artifact)
+    ranker = Ranker(ServingModel.load(tmp_path))
 
     # Evaluation path: the test examples, encoded and scored against all items.
     examples = split_user_examples(events, item_vocab, category_vocab, LENGTH)
