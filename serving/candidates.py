@@ -169,7 +169,7 @@ class EmbeddingSource:
 
 
 class PopularSource:
-    """The most popular training items, whatever the user did."""
+    """Source of the training items with the most events, the same for every user."""
 
     name = POPULAR
 

@@ -34,7 +34,7 @@ def copy_redis_feature_repo(destination: Path, redis_url: str, db: int) -> Path:
 
 
 def unreachable_redis_repo(source: Path, destination: Path, port: int) -> Path:
-    """A copy of ``source`` (registry included) whose online store is a Redis port nobody listens on."""
+    """A copy of ``source`` (registry included) whose online store is a Redis port with no server listening."""
     import shutil
 
     shutil.copytree(source, destination)

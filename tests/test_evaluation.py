@@ -27,7 +27,8 @@ def test_uniform_sampler_never_draws_target_or_padding():
     targets = np.array([1, 3, 5])
     negatives = sampler.sample(np.array([10, 11, 12]), targets)
     assert negatives.shape == (3, 500)
-    assert (negatives >= 1).all() and (negatives <= 5).all()
+    assert (negatives >= 1).all()
+    assert (negatives <= 5).all()
     assert not (negatives == targets[:, None]).any()
     # Every other item is drawn for some user.
     assert set(negatives[0].tolist()) == {2, 3, 4, 5}

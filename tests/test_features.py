@@ -296,7 +296,7 @@ def test_future_events_never_reach_point_in_time_features(ray_instance, tmp_path
 
 
 def test_example_sequence_matches_events_before_it():
-    """Every snapshot holds exactly the last L events at or before its own timestamp."""
+    """Every snapshot contains exactly the last L events at or before its own timestamp."""
     events = random_events(num_users=10, seed=7)
     length = 4
     snapshots = build_user_sequences(events, length).to_pylist()

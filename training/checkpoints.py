@@ -39,7 +39,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def gather_rng_states() -> list[dict]:
-    """Every worker's RNG state, by rank. Collective: all ranks must call it."""
+    """Gather every worker's RNG state, by rank. All ranks must call it, because it is a collective."""
     if not (dist.is_available() and dist.is_initialized()):
         return [rng_state()]
     states: list = [None] * dist.get_world_size()

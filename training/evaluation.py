@@ -49,7 +49,7 @@ class SampledMetricsConfig:
 
 
 def _splitmix64(values: np.ndarray) -> np.ndarray:
-    """A well-mixed 64-bit hash of each value (the SplitMix64 finaliser)."""
+    """Hash each value to a well-mixed 64-bit integer with the SplitMix64 finaliser."""
     with np.errstate(over="ignore"):
         z = values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)

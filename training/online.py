@@ -72,7 +72,7 @@ class SequenceEvent:
 
 @dataclasses.dataclass(frozen=True)
 class StoredSequence:
-    """A user's sequence as the online store holds it: four aligned lists, oldest event first."""
+    """A user's sequence as stored online: four aligned lists, oldest event first."""
 
     item_ids: tuple[int, ...] = ()
     category_ids: tuple[int, ...] = ()
@@ -101,7 +101,7 @@ def merge_sequence(stored: StoredSequence, events: Sequence[SequenceEvent], sequ
 
 
 def user_entity_key(user_id: int) -> EntityKeyProto:
-    """The Int64 entity key of a user, as Feast serializes it on every path."""
+    """Build a user's Int64 entity key in the form that Feast serializes on every path."""
     return EntityKeyProto(join_keys=[USER_ID], entity_values=[ValueProto(int64_val=int(user_id))])
 
 
