@@ -22,8 +22,9 @@ from training.vocab import Vocabulary
 RECENT = "recent"
 CF = "cf"
 EMBEDDING = "embedding"
+TRENDING = "trending"
 POPULAR = "popular"
-SOURCE_ORDER = (RECENT, CF, EMBEDDING, POPULAR)
+SOURCE_ORDER = (RECENT, CF, EMBEDDING, TRENDING, POPULAR)
 
 
 class BoughtItemPolicy(str, enum.Enum):
@@ -68,7 +69,7 @@ class CandidateConfig:
 
     max_candidates: int = 200
     quotas: Mapping[str, int] = dataclasses.field(
-        default_factory=lambda: {RECENT: 10, CF: 110, EMBEDDING: 60, POPULAR: 20}
+        default_factory=lambda: {RECENT: 10, CF: 110, EMBEDDING: 50, TRENDING: 15, POPULAR: 15}
     )
     """First-pass share of each source; free slots are then filled from the sources in order.
     A source with quota 0 is switched off."""
@@ -168,12 +169,12 @@ class EmbeddingSource:
         return [int(item_id) for item_id in self.item_vocab.raw(nearest)]
 
 
-class PopularSource:
-    """Source of the training items with the most events, the same for every user."""
+class FixedListSource:
+    """A source that gives every user the same ranked list: the popular or the trending items of a
+    model version (``training.artifacts``)."""
 
-    name = POPULAR
-
-    def __init__(self, ranked_item_ids: Sequence[int]) -> None:
+    def __init__(self, name: str, ranked_item_ids: Sequence[int]) -> None:
+        self.name = name
         self.ranked_item_ids = [int(item_id) for item_id in ranked_item_ids]
 
     def fetch(self, recent_items: Sequence[int], limit: int) -> list[int]:

@@ -26,11 +26,12 @@ from serving.candidates import (
     CF,
     POPULAR,
     RECENT,
+    TRENDING,
     CandidateConfig,
     CandidateSet,
     EmbeddingSource,
     FilterConfig,
-    PopularSource,
+    FixedListSource,
     merge_candidates,
 )
 from training.artifacts import ModelArtifact, load_artifact
@@ -241,7 +242,8 @@ class FeatureLookup:
 
 
 class CandidateGenerator:
-    """Merges candidates from the user's recent items, CF neighbours, the ANN index and popularity.
+    """Merges candidates from the user's recent items, CF neighbours, the ANN index, and the trending
+    and popular items.
 
     CF neighbours come from the ``item_neighbors`` feature view in the online store. When the store
     read fails, the other sources still fill the list and the set is flagged.
@@ -255,8 +257,9 @@ class CandidateGenerator:
 
     def set_model(self, model: ServingModel) -> None:
         """Switch the embedding and popularity sources to another model version."""
-        popular = model.artifact.item_vocab.raw(model.artifact.popularity.top_items(POPULAR_ITEMS_CACHED))
-        self.popular = PopularSource(popular)
+        vocab = model.artifact.item_vocab
+        self.popular = FixedListSource(POPULAR, vocab.raw(model.artifact.popularity.top_items(POPULAR_ITEMS_CACHED)))
+        self.trending = FixedListSource(TRENDING, vocab.raw(model.artifact.trending_items))
         self.embedding = (
             EmbeddingSource(model.index, model.artifact.item_vocab, self.config.recency_decay) if model.index else None
         )
@@ -303,6 +306,7 @@ class CandidateGenerator:
             degraded.append(ONLINE_STORE_UNAVAILABLE)
         if self.embedding is not None:
             lists[self.embedding.name] = self.embedding.fetch(recent, limit)
+        lists[TRENDING] = self.trending.fetch(recent, limit)
         lists[POPULAR] = self.popular.fetch(recent, limit)
         item_ids, sources = merge_candidates(lists, config.quotas, config.max_candidates, excluded)
         return CandidateSet(tuple(item_ids), tuple(sources), tuple(degraded))

@@ -33,8 +33,8 @@ def feast_apply(repo: Path) -> None:
         raise RuntimeError(f"feast apply failed in {repo}:\n{result.stdout}\n{result.stderr}")
 
 
-def write_random_artifact(model_dir, item_ids, category_ids, item_counts=None, seed: int = 0) -> str:
-    """Write an artefact with an untrained SASRec over the given raw ids."""
+def write_random_artifact(model_dir, item_ids, category_ids, item_counts=None, seed: int = 0, trending=()) -> str:
+    """Write an artefact with an untrained SASRec over the given raw ids; ``trending`` lists raw ids."""
     item_vocab, category_vocab = Vocabulary(np.asarray(item_ids)), Vocabulary(np.asarray(category_ids))
     config = SASRecConfig(
         num_items=item_vocab.size_with_padding,
@@ -57,4 +57,5 @@ def write_random_artifact(model_dir, item_ids, category_ids, item_counts=None, s
         counts,
         metrics={},
         run_info={"data": {"events_path": "generated in tests"}},
+        trending_items=item_vocab.lookup(np.asarray(list(trending), dtype=np.int64)),
     )

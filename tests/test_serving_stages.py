@@ -16,6 +16,7 @@ from serving.candidates import (
     EMBEDDING,
     POPULAR,
     RECENT,
+    TRENDING,
     BoughtItemPolicy,
     CandidateConfig,
     FilterConfig,
@@ -42,6 +43,7 @@ from training.schema import ITEM_NEIGHBORS_VIEW, USER_SEQUENCE_VIEW
 NOW = datetime.datetime(2017, 12, 3, tzinfo=datetime.timezone.utc)
 ITEMS = list(range(101, 121))
 CATEGORIES = [1, 2, 3]
+TRENDING_ITEMS = [115, 104, 119, 108]
 REDIS_DB = 1
 # Generous, so that a busy test machine does not turn the checked lists into degraded ones.
 PATIENT = StageTimeouts(request_deadline_s=60, feature_lookup_s=30, candidate_generation_s=30, ranking_s=30)
@@ -78,7 +80,7 @@ def stack(tmp_path_factory, redis_url):
         ),
     )
     counts = {item: 100 - index for index, item in enumerate(ITEMS)}
-    location = write_random_artifact(root / "models", ITEMS, CATEGORIES, item_counts=counts)
+    location = write_random_artifact(root / "models", ITEMS, CATEGORIES, item_counts=counts, trending=TRENDING_ITEMS)
     broken = unreachable_redis_repo(repo, root / "broken_repo", _free_port())
     return {"repo": repo, "models": root / "models", "location": location, "broken_repo": broken}
 
@@ -135,17 +137,26 @@ def test_merge_stops_at_max_candidates():
 
 def test_candidate_config_rejects_unknown_source():
     with pytest.raises(ValueError, match="unknown candidate sources"):
-        CandidateConfig(quotas={"trending": 5})
+        CandidateConfig(quotas={"bestsellers": 5})
 
 
 def test_generate_uses_every_source_without_duplicates(stack, model):
-    quotas = {RECENT: 3, CF: 4, EMBEDDING: 3, POPULAR: 3}
+    quotas = {RECENT: 3, CF: 4, EMBEDDING: 3, TRENDING: 2, POPULAR: 3}
     generator = CandidateGenerator(stack["repo"], model, CandidateConfig(max_candidates=15, quotas=quotas))
     sequence = UserSequence(1, (101, 102, 103, 102), (1, 1, 2, 1), ("pv",) * 4, (1, 2, 3, 4))
     candidates = generator.generate(sequence)
     assert candidates.item_ids[:3] == (102, 103, 101)
     assert len(candidates.item_ids) == len(set(candidates.item_ids)) == 15
-    assert {RECENT, CF, EMBEDDING, POPULAR} <= set(candidates.sources)
+    assert {RECENT, CF, EMBEDDING, TRENDING, POPULAR} <= set(candidates.sources)
+
+
+def test_trending_candidates_come_from_the_model_version(stack, model):
+    quotas = {RECENT: 0, CF: 0, EMBEDDING: 0, TRENDING: 2, POPULAR: 0}
+    generator = CandidateGenerator(stack["repo"], model, CandidateConfig(max_candidates=2, quotas=quotas))
+    sequence = UserSequence(1, (101,), (1,), ("pv",), (1,))
+    candidates = generator.generate(sequence, excluded={TRENDING_ITEMS[0]})
+    assert candidates.item_ids == tuple(TRENDING_ITEMS[1:3])
+    assert candidates.sources == (TRENDING, TRENDING)
     assert candidates.degraded == ()
 
 

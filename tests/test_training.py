@@ -3,8 +3,10 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from training.artifacts import TRENDING_FILE
 from training.events import ingest_taobao_csv
 from training.generator import GeneratorConfig, generate_events, write_taobao_csv
 from training.train import FAIL_WORKER_ENV, TrainingConfig, train
@@ -62,9 +64,13 @@ def test_killed_worker_resumes_at_saved_epoch(recovered_run):
 
 def test_run_writes_model_metrics_and_curve(recovered_run):
     location, _ = recovered_run
-    for name in ("model.pt", "config.json", "metrics.json", "training_curve.png"):
+    for name in ("model.pt", "config.json", "metrics.json", "training_curve.png", TRENDING_FILE):
         assert (location / name).is_file(), name
     assert (location / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    trending = np.load(location / TRENDING_FILE)
+    num_items = json.loads((location / "config.json").read_text())["model"]["num_items"]
+    assert trending.dtype == np.int64
+    assert ((trending >= 1) & (trending < num_items)).all()
 
 
 def test_metrics_report_best_epoch_and_baselines(recovered_run):

@@ -7,6 +7,7 @@ An artefact is one folder ``<model_dir>/<version>/`` holding:
 - ``config.json``: the model config, the training config and what data it was trained on;
 - ``item_vocab.npy``, ``category_vocab.npy``: raw ids by index, so index i is ``vocab[i - 1]``;
 - ``item_counts.npy``: training events per item index, for the popularity fallback;
+- ``trending_items.npy``: item indices of the trending list, best first (``training.trending``);
 - ``metrics.json``: validation and test metrics at the best epoch, for the model and the
   baselines, with the per-epoch history and timing;
 - ``training_curve.png``: train loss and validation metrics by epoch (written by training runs).
@@ -37,6 +38,7 @@ from training.vocab import Vocabulary
 logger = logging.getLogger(__name__)
 
 LATEST = "LATEST"
+TRENDING_FILE = "trending_items.npy"
 
 
 @dataclasses.dataclass
@@ -50,6 +52,8 @@ class ModelArtifact:
     item_vocab: Vocabulary
     category_vocab: Vocabulary
     popularity: PopularityRanker
+    trending_items: np.ndarray
+    """Item indices of the trending list, best first; empty for artefacts written without one."""
     config: dict
     metrics: dict
 
@@ -71,6 +75,7 @@ def write_artifact(
     metrics: dict,
     run_info: dict,
     extra_files: dict[str, bytes] | None = None,
+    trending_items: np.ndarray | None = None,
 ) -> str:
     """Write a complete artefact version and point LATEST at it; return the version's location.
 
@@ -96,6 +101,7 @@ def write_artifact(
     item_vocab.save(staging / "item_vocab.npy")
     category_vocab.save(staging / "category_vocab.npy")
     np.save(staging / "item_counts.npy", np.asarray(item_counts, dtype=np.int64))
+    np.save(staging / TRENDING_FILE, np.asarray(trending_items if trending_items is not None else [], dtype=np.int64))
     config = {"version": version, "model": dataclasses.asdict(model_config), **run_info}
     (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -150,6 +156,7 @@ def load_artifact(model_dir: str | Path, version: str = "latest") -> ModelArtifa
         item_vocab=Vocabulary.load(path / "item_vocab.npy"),
         category_vocab=Vocabulary.load(path / "category_vocab.npy"),
         popularity=PopularityRanker(np.load(path / "item_counts.npy")),
+        trending_items=np.load(path / TRENDING_FILE) if (path / TRENDING_FILE).exists() else np.zeros(0, dtype=np.int64),
         config=config,
         metrics=json.loads((path / "metrics.json").read_text()),
     )

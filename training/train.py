@@ -47,6 +47,7 @@ from training.models import SequenceRanker
 from training.models.itemcf import count_cooccurrences, top_similarities
 from training.run_report import training_curve_png
 from training.schema import PADDING_ID, SEQUENCE_LENGTH, USER_ID
+from training.trending import TrendingConfig, trending_items
 
 logger = logging.getLogger(__name__)
 
@@ -538,9 +539,11 @@ def train(
     curve = training_curve_png(
         state["history"], {name: state["baselines"][name]["validation"] for name in state["baselines"]}, state["best"]["epoch"]
     )
+    trending = trending_items(ray.data.read_parquet(storage.normalize(events_path)), examples.item_vocab)
     run_info = {
         "training": dataclasses.asdict(config),
         "itemcf": dataclasses.asdict(itemcf),
+        "trending": {**dataclasses.asdict(TrendingConfig()), "items": len(trending)},
         "use_gpu": use_gpu,
         "data": {
             "events_path": str(events_path),
@@ -566,6 +569,7 @@ def train(
         metrics,
         run_info,
         extra_files={"training_curve.png": curve},
+        trending_items=trending,
     )
 
 
