@@ -379,6 +379,17 @@ def _itemcf_pairs(batch: pa.Table, window: int) -> pa.Table:
     return pa.table({"item": items, "neighbor": neighbors, "count": counts})
 
 
+def _without_empty_blocks(dataset: ray.data.Dataset) -> ray.data.Dataset | None:
+    """Return a materialized dataset's Arrow blocks that hold rows, or None when none does.
+
+    NOTE: Ray Data 2.60's hash shuffle can receive a map task's empty output as a block without
+    columns, and its reduce then fails to concatenate it with the others ("Schema at index 1 was
+    different"). The Beauty file of BERT4Rec hit this in the ItemCF groupby.
+    """
+    refs = [entry.ref for bundle in dataset.iter_internal_ref_bundles() for entry in bundle.blocks if entry.metadata.num_rows]
+    return ray.data.from_arrow_refs(refs) if refs else None
+
+
 def build_itemcf(
     train: ray.data.Dataset, item_counts: np.ndarray, config: ItemCFConfig, num_partitions: int | None = None
 ) -> dict:
@@ -398,12 +409,12 @@ def build_itemcf(
         )
         return pa.table({"item": items, "neighbor": neighbors, "similarity": similarities})
 
-    kept = (
-        train.map_batches(_itemcf_pairs, fn_kwargs={"window": config.window}, batch_format="pyarrow")
-        .groupby("item", num_partitions=num_partitions)
-        .map_groups(top_of_item, batch_format="pyarrow")
-        .to_pandas()
+    pairs = _without_empty_blocks(
+        train.map_batches(_itemcf_pairs, fn_kwargs={"window": config.window}, batch_format="pyarrow").materialize()
     )
+    kept = pd.DataFrame()
+    if pairs is not None:
+        kept = pairs.groupby("item", num_partitions=num_partitions).map_groups(top_of_item, batch_format="pyarrow").to_pandas()
     if kept.empty:
         kept = pd.DataFrame({"item": [], "neighbor": [], "similarity": []})
     return {
