@@ -16,9 +16,14 @@ from training.examples import (
 from training.vocab import Vocabulary
 
 
-def examples_by_split(events, length, cuts_s=None):
+def examples_by_split(events, length, cuts_s=None, stride=None):
     table = split_user_examples(
-        events, Vocabulary(events["item_id"].to_numpy()), Vocabulary(events["category_id"].to_numpy()), length, cuts_s
+        events,
+        Vocabulary(events["item_id"].to_numpy()),
+        Vocabulary(events["category_id"].to_numpy()),
+        length,
+        cuts_s,
+        stride,
     )
     return {split: [row for row in table.to_pylist() if row["split"] == split] for split in (TRAIN, VALIDATION, TEST)}
 
@@ -64,6 +69,20 @@ def test_long_training_sequences_are_cut_into_windows():
     targets = sorted(t for row in splits[TRAIN] for t in row["targets"] if t)
     assert targets == list(range(2, 11))
     assert all(len(row["item_ids"]) == 4 for row in splits[TRAIN])
+
+
+def test_window_stride_overlaps_windows():
+    # Items 1..12 are their own vocabulary indices; 11 and 12 are held out, so 2..10 are targets.
+    events = make_events([(1, item, 1, "pv", item) for item in range(1, 13)])
+    rows = examples_by_split(events, length=4, stride=2)[TRAIN]
+    targets = sorted(t for row in rows for t in row["targets"] if t)
+    assert targets == list(range(2, 11))
+    for row in rows:
+        assert row["targets"][:2] == [0, 0]
+    # The newest window ends at the last training target, with a full context before it.
+    newest = max(rows, key=lambda row: row["targets"][-1])
+    assert newest["item_ids"] == [6, 7, 8, 9]
+    assert newest["targets"] == [0, 0, 9, 10]
 
 
 def test_behaviors_and_categories_align_with_items():

@@ -116,6 +116,8 @@ class Examples:
     split_rule: str = ""
     cuts_s: tuple[int, int] | None = None
     """Validation and test cut times of a temporal split, Unix seconds; None for leave-one-out."""
+    stride: int | None = None
+    """Step between training windows; None means the sequence length."""
 
 
 def gather_left_padded(values: np.ndarray, ends: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
@@ -137,12 +139,14 @@ def split_user_examples(
     category_vocab: Vocabulary,
     length: int,
     cuts_s: tuple[int, int] | None = None,
+    stride: int | None = None,
 ) -> pa.Table:
     """Build the examples of one user bucket, for all three splits.
 
     ``cuts_s`` contains the validation and test cut times of a temporal split in Unix seconds; None
-    selects leave-one-out.
+    selects leave-one-out. ``stride`` (default ``length``) is the step between training windows.
     """
+    stride = length if stride is None else stride
     events = sort_user_events(events)
     user_ids = events[USER_ID].to_numpy()
     items = item_vocab.lookup(events[ITEM_ID].to_numpy())
@@ -169,15 +173,17 @@ def split_user_examples(
             TEST: ((test_starts > starts) & (ends > test_starts), test_starts),
         }
 
-    # Training windows cut the training sequence from its end in steps of L, so every event is a
-    # target exactly once. Each window contains L inputs and the L targets that follow them.
-    num_windows = np.maximum(0, -(-(train_ends - starts - 1) // length))
+    # Training windows cut the training sequence from its end in steps of S (the stride). Each
+    # window contains L inputs, and targets only at its last S positions, so every event is a
+    # target exactly once and, with S < L, each target sees at least L - S earlier events.
+    num_windows = np.maximum(0, -(-(train_ends - starts - 1) // stride))
     window_user = np.repeat(np.arange(len(starts)), num_windows)
     window_rank = np.arange(num_windows.sum()) - np.repeat(np.cumsum(num_windows) - num_windows, num_windows)
-    target_ends = train_ends[window_user] - window_rank * length
+    target_ends = train_ends[window_user] - window_rank * stride
     window_starts = starts[window_user]
     train = {name: gather_left_padded(values, target_ends - 1, window_starts, length) for name, values in columns.items()}
     train[TARGETS] = gather_left_padded(items, target_ends, window_starts + 1, length)
+    train[TARGETS][:, : length - stride] = PADDING_ID
 
     parts = [_rows(TRAIN, user_ids[starts][window_user], train)]
     for split, (evaluated, targets_at) in held_out.items():
@@ -210,8 +216,15 @@ def build_examples(
     sequence_length: int,
     rows_per_bucket: int = 2_000_000,
     split: SplitConfig | None = None,
+    stride: int | None = None,
 ) -> Examples:
-    """Build the examples of all splits from canonical events Parquet with Ray Data."""
+    """Build the examples of all splits from canonical events Parquet with Ray Data.
+
+    ``stride`` is the step between training windows, from 1 to ``sequence_length`` (the default).
+    """
+    stride = sequence_length if stride is None else stride
+    if not 1 <= stride <= sequence_length:
+        raise ValueError(f"window stride must be from 1 to the sequence length {sequence_length}, got {stride}")
     split = split or SplitConfig()
     events_path = storage.normalize(events_path)
     events = ray.data.read_parquet(events_path)
@@ -230,7 +243,7 @@ def build_examples(
         .groupby(_BUCKET, num_partitions=min(partitions, num_buckets))
         .map_groups(
             lambda bucket: split_user_examples(
-                bucket.drop_columns([_BUCKET]), item_vocab, category_vocab, sequence_length, cuts_s
+                bucket.drop_columns([_BUCKET]), item_vocab, category_vocab, sequence_length, cuts_s, stride
             ),
             batch_format="pyarrow",
         )
@@ -266,6 +279,7 @@ def build_examples(
         num_users_not_validated=num_users_not_validated,
         split_rule=split_rule,
         cuts_s=cuts_s,
+        stride=stride,
     )
 
 

@@ -86,6 +86,9 @@ class TrainingConfig:
     """Worker-group restarts from the latest checkpoint before the run fails."""
     sampled_metrics: SampledMetricsConfig | None = None
     """Also report sampled-negative metrics, with this named sampler and seed."""
+    window_stride: int | None = None
+    """Step between training windows of a long sequence; None means the sequence length. A smaller
+    step gives every target more earlier events to attend to, and costs more windows per epoch."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience", "eval_batch_size", "num_workers"):
@@ -99,6 +102,8 @@ class TrainingConfig:
             raise ValueError(f"use_gpu must be 'auto', 'yes' or 'no', got {self.use_gpu!r}")
         if self.num_negatives < 1:
             raise ValueError(f"num_negatives must be at least 1, got {self.num_negatives}")
+        if self.window_stride is not None and self.window_stride < 1:
+            raise ValueError(f"window_stride must be at least 1, got {self.window_stride}")
         if self.log_interval_s <= 0:
             raise ValueError(f"log_interval_s must be positive, got {self.log_interval_s}")
         if self.max_failures < 0:
@@ -372,9 +377,12 @@ def _report_epoch(model, optimizer, state: dict, baselines: dict, best_model_sta
 # --- The job on the driver ---------------------------------------------------------------------
 
 
-def _itemcf_pairs(batch: pa.Table, window: int) -> pa.Table:
-    # A training row's events are its inputs followed by its last target.
+def _itemcf_pairs(batch: pa.Table, window: int, own_events: int | None) -> pa.Table:
+    # A training row's events are its inputs followed by its last target. Where windows overlap,
+    # only the row's last ``own_events`` events count, so that no pair is counted twice.
     sequences = torch.cat([_matrix(batch, "item_ids"), _matrix(batch, ex.TARGETS)[:, -1:]], dim=1).numpy()
+    if own_events is not None:
+        sequences = sequences[:, -own_events:]
     items, neighbors, counts = count_cooccurrences(sequences, window)
     return pa.table({"item": items, "neighbor": neighbors, "count": counts})
 
@@ -391,7 +399,11 @@ def _without_empty_blocks(dataset: ray.data.Dataset) -> ray.data.Dataset | None:
 
 
 def build_itemcf(
-    train: ray.data.Dataset, item_counts: np.ndarray, config: ItemCFConfig, num_partitions: int | None = None
+    train: ray.data.Dataset,
+    item_counts: np.ndarray,
+    config: ItemCFConfig,
+    num_partitions: int | None = None,
+    own_events: int | None = None,
 ) -> dict:
     """Count co-occurrences in the training examples with Ray Data; return ItemCF's top neighbours.
 
@@ -410,7 +422,9 @@ def build_itemcf(
         return pa.table({"item": items, "neighbor": neighbors, "similarity": similarities})
 
     pairs = _without_empty_blocks(
-        train.map_batches(_itemcf_pairs, fn_kwargs={"window": config.window}, batch_format="pyarrow").materialize()
+        train.map_batches(
+            _itemcf_pairs, fn_kwargs={"window": config.window, "own_events": own_events}, batch_format="pyarrow"
+        ).materialize()
     )
     kept = pd.DataFrame()
     if pairs is not None:
@@ -511,7 +525,7 @@ def train(
     model_dir = storage.normalize(model_dir)
     version = new_version()
 
-    examples = ex.build_examples(events_path, sequence_length, split=split)
+    examples = ex.build_examples(events_path, sequence_length, split=split, stride=config.window_stride)
     model_config = SASRecConfig(
         num_items=examples.item_vocab.size_with_padding,
         num_categories=examples.category_vocab.size_with_padding,
@@ -526,7 +540,11 @@ def train(
             "training": dataclasses.asdict(config),
             "item_counts": examples.train_item_counts,
             "itemcf": build_itemcf(
-                examples.train, examples.train_item_counts, itemcf, ex.shuffle_partitions(examples.num_events)
+                examples.train,
+                examples.train_item_counts,
+                itemcf,
+                ex.shuffle_partitions(examples.num_events),
+                own_events=None if examples.stride is None else examples.stride + 1,
             ),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu),
@@ -611,6 +629,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-dir", required=True, help="folder or URI of versioned model artefacts")
     parser.add_argument("--epochs", type=int, default=TrainingConfig.epochs, help="maximum number of epochs")
     parser.add_argument("--batch-size", type=int, default=TrainingConfig.batch_size, help="sequences per step and worker")
+    parser.add_argument(
+        "--window-stride", type=int, default=None, help="step between training windows; default: the sequence length"
+    )
     parser.add_argument("--learning-rate", type=float, default=TrainingConfig.learning_rate, help="AdamW step size")
     parser.add_argument("--weight-decay", type=float, default=TrainingConfig.weight_decay, help="AdamW weight decay")
     parser.add_argument("--patience", type=int, default=TrainingConfig.patience, help="epochs without improvement")
@@ -681,6 +702,7 @@ def parse_run(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict, 
             log_interval_s=args.log_interval_s,
             max_failures=args.max_failures,
             sampled_metrics=sampled,
+            window_stride=args.window_stride,
         )
         split = ex.SplitConfig(
             kind=args.split,
