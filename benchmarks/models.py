@@ -80,7 +80,7 @@ class Recipe:
 # stopping on validation NDCG@10. Sequence length 50, width 64, 2 layers and 2 heads match RecBole
 # 1.2.1's SASRec defaults.
 # MovieLens-100K users have about 106 events each, so its training windows step by 10 events: each
-# target then sees at least 40 earlier events, close to the full prefixes that RecBole trains on.
+# target then attends to at least 40 earlier events, close to the full prefixes that RecBole trains on.
 RECIPES: dict[str, Recipe] = {
     "beauty-s3rec": Recipe(
         model={"max_length": 50, "hidden_size": 64, "num_layers": 2, "num_heads": 2, "dropout": 0.5},
@@ -90,7 +90,7 @@ RECIPES: dict[str, Recipe] = {
         model={"max_length": 50, "hidden_size": 64, "num_layers": 2, "num_heads": 2, "dropout": 0.5},
         training={"epochs": 40, "batch_size": 128, "learning_rate": 3e-3, "patience": 4, "loss": "full"},
     ),
-    # The only data set with behaviour types, so the behaviour switch is measured here.
+    # Taobao is the only data set with behaviour types, so the behaviour switch is measured on it.
     "taobao-head": Recipe(
         model={"max_length": 50, "hidden_size": 64, "num_layers": 2, "num_heads": 2, "dropout": 0.5},
         training={"epochs": 30, "batch_size": 64, "learning_rate": 3e-3, "patience": 4, "loss": "full"},
@@ -258,8 +258,8 @@ def benchmark_dataset(
 ) -> dict:
     """Train the selected variants of one data set and, on MovieLens-100K, compare with RecBole.
 
-    ``stored_recbole`` holds RecBole figures of an earlier run to compare with, instead of training
-    RecBole again; the comparison then says so.
+    ``stored_recbole`` contains RecBole figures of an earlier run to compare with, instead of training
+    RecBole again. The comparison then records when those figures were measured.
     """
     spec = get_dataset(name)
     report = ingest_dataset(name, work_dir / "events", data_dir, category_rule)

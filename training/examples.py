@@ -175,7 +175,7 @@ def split_user_examples(
 
     # Training windows cut the training sequence from its end in steps of S (the stride). Each
     # window contains L inputs, and targets only at its last S positions, so every event is a
-    # target exactly once and, with S < L, each target sees at least L - S earlier events.
+    # target exactly once and, with S < L, each target attends to at least L - S earlier events.
     num_windows = np.maximum(0, -(-(train_ends - starts - 1) // stride))
     window_user = np.repeat(np.arange(len(starts)), num_windows)
     window_rank = np.arange(num_windows.sum()) - np.repeat(np.cumsum(num_windows) - num_windows, num_windows)
