@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlparse
 
-from helpers import PROJECT_ROOT, copy_feature_repo
+from helpers import PROJECT_ROOT, copy_feature_repo, feast_apply
 
 REDIS_FEAST_CONFIG = PROJECT_ROOT / "platform" / "feature_store" / "feature_store.redis.yaml"
+PATIENT_TIMEOUTS = {"request_deadline_s": 60, "feature_lookup_s": 30, "candidate_generation_s": 30, "ranking_s": 30}
+"""Stage timeouts long enough that a busy test machine does not turn the checked lists into degraded ones."""
 
 
 def redis_connection_string(redis_url: str, db: int) -> str:
@@ -31,6 +33,16 @@ def copy_redis_feature_repo(destination: Path, redis_url: str, db: int) -> Path:
     (repo / "feature_store.yaml").write_text(config)
     redis.Redis.from_url(redis_url, db=db).flushdb()
     return repo
+
+
+def applied_redis_store(destination: Path, redis_url: str, db: int):
+    """Copy the Feast definitions onto Redis database ``db``, apply them and return the repository
+    folder and its FeatureStore."""
+    from feast import FeatureStore
+
+    repo = copy_redis_feature_repo(destination, redis_url, db)
+    feast_apply(repo)
+    return repo, FeatureStore(repo_path=str(repo))
 
 
 def unreachable_redis_repo(source: Path, destination: Path, port: int) -> Path:

@@ -9,10 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pandas as pd
 import pytest
-from feast import FeatureStore
 
 from conftest import _free_port
-from helpers import feast_apply, write_random_artifact
+from helpers import write_random_artifact
 from serving.stages import (
     ONLINE_STORE_UNAVAILABLE,
     RANKING_TIMED_OUT,
@@ -21,7 +20,7 @@ from serving.stages import (
     RankRequest,
     UserSequence,
 )
-from serving_support import copy_redis_feature_repo, unreachable_redis_repo
+from serving_support import PATIENT_TIMEOUTS, applied_redis_store, unreachable_redis_repo
 from training.schema import ITEM_NEIGHBORS_VIEW, USER_SEQUENCE_VIEW
 
 NOW = datetime.datetime(2017, 12, 3, tzinfo=datetime.timezone.utc)
@@ -30,8 +29,6 @@ CATEGORIES = [1, 2, 3]
 USERS = list(range(1, 21))
 REDIS_DB = 2
 APP = "seqrec-http"
-# Generous, so that a busy test machine does not turn the checked lists into degraded ones.
-PATIENT_TIMEOUTS = {"request_deadline_s": 60, "feature_lookup_s": 30, "candidate_generation_s": 30, "ranking_s": 30}
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +39,7 @@ def served(tmp_path_factory, redis_url):
     from ray.serve.schema import ServeDeploySchema
 
     root = tmp_path_factory.mktemp("http")
-    repo = copy_redis_feature_repo(root / "feature_repo", redis_url, REDIS_DB)
-    feast_apply(repo)
-    store = FeatureStore(repo_path=str(repo))
+    repo, store = applied_redis_store(root / "feature_repo", redis_url, REDIS_DB)
     store.write_to_online_store(
         USER_SEQUENCE_VIEW,
         pd.DataFrame(

@@ -7,10 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from feast import FeatureStore
 
 from conftest import _free_port
-from helpers import feast_apply, write_random_artifact
+from helpers import write_random_artifact
 from serving.candidates import (
     CF,
     EMBEDDING,
@@ -36,7 +35,7 @@ from serving.stages import (
     ServingModel,
     UserSequence,
 )
-from serving_support import copy_redis_feature_repo, unreachable_redis_repo
+from serving_support import PATIENT_TIMEOUTS, applied_redis_store, unreachable_redis_repo
 from training.retrieval import INDEX_FILE, ItemIndex
 from training.schema import ITEM_NEIGHBORS_VIEW, USER_SEQUENCE_VIEW
 
@@ -45,16 +44,13 @@ ITEMS = list(range(101, 121))
 CATEGORIES = [1, 2, 3]
 TRENDING_ITEMS = [115, 104, 119, 108]
 REDIS_DB = 1
-# Generous, so that a busy test machine does not turn the checked lists into degraded ones.
-PATIENT = StageTimeouts(request_deadline_s=60, feature_lookup_s=30, candidate_generation_s=30, ranking_s=30)
+PATIENT = StageTimeouts(**PATIENT_TIMEOUTS)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, redis_url):
     root = tmp_path_factory.mktemp("stack")
-    repo = copy_redis_feature_repo(root / "feature_repo", redis_url, REDIS_DB)
-    feast_apply(repo)
-    store = FeatureStore(repo_path=str(repo))
+    repo, store = applied_redis_store(root / "feature_repo", redis_url, REDIS_DB)
     store.write_to_online_store(
         USER_SEQUENCE_VIEW,
         pd.DataFrame(
