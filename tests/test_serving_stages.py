@@ -37,7 +37,14 @@ from serving.stages import (
 )
 from serving_support import PATIENT_TIMEOUTS, applied_redis_store, unreachable_redis_repo
 from training.retrieval import INDEX_FILE, ItemIndex
-from training.schema import ITEM_NEIGHBORS_VIEW, USER_SEQUENCE_VIEW
+from training.schema import (
+    ITEM_NEIGHBORS_VIEW,
+    SEQUENCE_BEHAVIORS,
+    SEQUENCE_CATEGORY_IDS,
+    SEQUENCE_ITEM_IDS,
+    SEQUENCE_TIMESTAMPS_S,
+    USER_SEQUENCE_VIEW,
+)
 
 NOW = datetime.datetime(2017, 12, 3, tzinfo=datetime.timezone.utc)
 ITEMS = list(range(101, 121))
@@ -107,6 +114,14 @@ def test_lookup_returns_sequences_in_request_order(stack):
 def test_lookup_raises_when_store_unreachable(stack):
     with pytest.raises(OnlineStoreUnavailable, match="user sequences"):
         FeatureLookup(stack["broken_repo"]).lookup([1])
+
+
+def test_repeated_lookups_read_the_same_fields(stack):
+    lookup = FeatureLookup(stack["repo"])
+    for _ in range(3):
+        sequence = lookup.lookup([1])[0]
+    assert sequence.item_ids == (101, 102, 103)
+    assert lookup.reader.features == [SEQUENCE_ITEM_IDS, SEQUENCE_CATEGORY_IDS, SEQUENCE_BEHAVIORS, SEQUENCE_TIMESTAMPS_S]
 
 
 def test_neighbors_merge_by_recency_weighted_score(stack, model):
