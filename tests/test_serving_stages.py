@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import _free_port
-from helpers import write_random_artifact
+from helpers import copy_feature_repo, feast_apply, write_random_artifact
 from serving.candidates import (
     CF,
     EMBEDDING,
@@ -122,6 +122,25 @@ def test_repeated_lookups_read_the_same_fields(stack):
         sequence = lookup.lookup([1])[0]
     assert sequence.item_ids == (101, 102, 103)
     assert lookup.reader.features == [SEQUENCE_ITEM_IDS, SEQUENCE_CATEGORY_IDS, SEQUENCE_BEHAVIORS, SEQUENCE_TIMESTAMPS_S]
+
+
+def test_lookup_reads_sqlite_online_store(tmp_path):
+    from feast import FeatureStore
+
+    repo = copy_feature_repo(tmp_path / "feature_repo")
+    feast_apply(repo)
+    rows = {
+        "user_id": [7],
+        "event_timestamp": [NOW],
+        "item_ids": [[104, 105]],
+        "category_ids": [[1, 2]],
+        "behaviors": [["pv", "buy"]],
+        "timestamps_s": [[10, 20]],
+    }
+    FeatureStore(repo_path=str(repo)).write_to_online_store(USER_SEQUENCE_VIEW, pd.DataFrame(rows))
+    known, unknown = FeatureLookup(repo).lookup([7, 8])
+    assert known == UserSequence(7, (104, 105), (1, 2), ("pv", "buy"), (10, 20))
+    assert unknown is None
 
 
 def test_neighbors_merge_by_recency_weighted_score(stack, model):
