@@ -21,6 +21,9 @@ import pandas as pd
 import redis
 import torch
 from feast.data_source import PushMode
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+from feast.type_map import feast_value_type_to_python_type
 
 from serving.candidates import (
     CF,
@@ -217,10 +220,6 @@ class OnlineViewReader:
 
     def read(self, keys: Sequence[int]) -> list[dict | None]:
         """Return each key's features as Python values in key order, or None for a key without a row."""
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-        from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-        from feast.type_map import feast_value_type_to_python_type
-
         entity_keys = [
             EntityKeyProto(join_keys=[self.join_key], entity_values=[ValueProto(int64_val=int(key))]) for key in keys
         ]

@@ -14,7 +14,7 @@ DAY = 86_400
 
 def test_scores_favour_rising_items():
     config = TrendingConfig(window_s=DAY, baseline_s=7 * DAY, min_recent_events=3)
-    # Item 0 sells 10 a day every day; item 1 went from nothing to 10; item 2 has 2 recent events.
+    # Item 0 sells 10 a day every day, and item 1 went from nothing to 10. Item 2 has 2 recent events.
     scores = trending_scores(np.array([10, 10, 2]), np.array([70, 0, 0]), config)
     assert scores[1] > scores[0]
     assert scores[0] == pytest.approx(0.0)

@@ -388,7 +388,7 @@ def _itemcf_pairs(batch: pa.Table, window: int, own_events: int | None) -> pa.Ta
 
 
 def _without_empty_blocks(dataset: ray.data.Dataset) -> ray.data.Dataset | None:
-    """Return a materialized dataset's Arrow blocks that hold rows, or None when none does.
+    """Return a materialized dataset's Arrow blocks that contain rows, or None when there are none.
 
     NOTE: Ray Data 2.60's hash shuffle can receive a map task's empty output as a block without
     columns, and its reduce then fails to concatenate it with the others ("Schema at index 1 was
@@ -426,15 +426,15 @@ def build_itemcf(
             _itemcf_pairs, fn_kwargs={"window": config.window, "own_events": own_events}, batch_format="pyarrow"
         ).materialize()
     )
-    kept = pd.DataFrame()
+    top_neighbors = pd.DataFrame()
     if pairs is not None:
-        kept = pairs.groupby("item", num_partitions=num_partitions).map_groups(top_of_item, batch_format="pyarrow").to_pandas()
-    if kept.empty:
-        kept = pd.DataFrame({"item": [], "neighbor": [], "similarity": []})
+        top_neighbors = pairs.groupby("item", num_partitions=num_partitions).map_groups(top_of_item, batch_format="pyarrow").to_pandas()
+    if top_neighbors.empty:
+        top_neighbors = pd.DataFrame({"item": [], "neighbor": [], "similarity": []})
     return {
-        "items": kept["item"].to_numpy(np.int64),
-        "neighbors": kept["neighbor"].to_numpy(np.int64),
-        "similarities": kept["similarity"].to_numpy(np.float32),
+        "items": top_neighbors["item"].to_numpy(np.int64),
+        "neighbors": top_neighbors["neighbor"].to_numpy(np.int64),
+        "similarities": top_neighbors["similarity"].to_numpy(np.float32),
         "config": dataclasses.asdict(config),
     }
 
