@@ -63,9 +63,14 @@ SETTINGS = {
         "deployments": {"Ingress": {"max_ongoing_requests": 8}},
     },
     "single": {
-        "description": "0 handle calls: every stage inside the ingress replica",
+        "description": "0 handle calls: every stage inside the ingress replica, concurrent requests ranked together",
         "args": {"topology": "single"},
         "deployments": {},
+    },
+    "single-no-batching": {
+        "description": "0 handle calls, each request ranked alone (max_batch_size 1)",
+        "args": {"topology": "single"},
+        "deployments": {"Ingress": {"user_config": {"max_batch_size": 1}}},
     },
     "single-2-replicas": {
         "description": "0 handle calls, 2 ingress replicas",
@@ -349,7 +354,11 @@ def machine() -> dict:
 
 
 def summarize(results: dict) -> dict:
-    plain = {row["concurrency"]: row for row in results["plain_uvicorn"]}
+    # The reference at each concurrency is the faster plain process, with batching or without.
+    plain: dict[int, dict] = {}
+    for row in results["plain_uvicorn"] + results.get("plain_uvicorn_no_batching", []):
+        if row["requests_per_s"] > plain.get(row["concurrency"], {}).get("requests_per_s", 0):
+            plain[row["concurrency"]] = row
     summary = {"peak_plain_requests_per_s": max(row["requests_per_s"] for row in plain.values()), "settings": {}}
     for name, series in results["serve"].items():
         by_level = {row["concurrency"]: row for row in series}
@@ -367,7 +376,7 @@ def summarize(results: dict) -> dict:
 
 
 def run(
-    work_dir: Path, duration_s: int, settings: list[str], output: Path, freshness_setting: str, grpc_proxy_setting: str
+    work_dir: Path, duration_s: int, settings: list[str], output: Path, freshness_setting: str, grpc_proxy_settings: list[str]
 ) -> None:
     import ray
     from ray import serve
@@ -417,6 +426,14 @@ def run(
         ).json()
         processes.stop(plain)
 
+        print("plain, each request ranked alone (--max-batch-size 1)", flush=True)
+        port = free_port()
+        plain = processes.start([sys.executable, "-m", "serving.local", "--feature-repo", str(repo),
+                                 "--model-dir", str(models), "--port", str(port), "--max-batch-size", "1"], cwd=ROOT)
+        wait_until_up(f"http://127.0.0.1:{port}/healthz")
+        results["plain_uvicorn_no_batching"] = load_series(f"http://127.0.0.1:{port}", users, duration_s)
+        processes.stop(plain)
+
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}"
@@ -430,18 +447,19 @@ def run(
                 print(f"    event to recommendation: {results['event_freshness']}", flush=True)
         print("serve: no-op route (GET /healthz through the proxy and the ingress)", flush=True)
         results["serve_noop_healthz"] = load_series(url, users, duration_s, path="/healthz", method="GET")
-        if grpc_proxy_setting:
+        if grpc_proxy_settings:
             # The proxy reads this switch when it starts, so it takes a fresh Ray instance.
             serve.shutdown()
             ray.shutdown()
             os.environ["RAY_SERVE_PROXY_USE_GRPC"] = "1"
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            name = f"{grpc_proxy_setting}-grpc-proxy"
-            print(f"serve: {name}", flush=True)
-            deploy(serve_config(repo, models, port, SETTINGS[grpc_proxy_setting]))
-            wait_until_up(f"{url}/healthz")
-            results["serve"][name] = load_series(url, users, duration_s)
+            for setting in grpc_proxy_settings:
+                name = f"{setting}-grpc-proxy"
+                print(f"serve: {name}", flush=True)
+                deploy(serve_config(repo, models, port, SETTINGS[setting]))
+                wait_until_up(f"{url}/healthz")
+                results["serve"][name] = load_series(url, users, duration_s)
     finally:
         try:
             serve.shutdown()
@@ -479,9 +497,10 @@ def main(argv: list[str] | None = None) -> None:
                             help="Serve settings to load, in order")
     run_parser.add_argument("--freshness-setting", default="ranker", choices=list(SETTINGS),
                             help="Serve setting on which to time an event post to its first use")
-    run_parser.add_argument("--grpc-proxy-setting", default="single", choices=["", *SETTINGS],
-                            help="Serve setting to load once more with the proxy talking gRPC to replicas; "
-                            "empty to skip")
+    run_parser.add_argument("--grpc-proxy-settings", nargs="*", default=["single", "single-2-replicas"],
+                            choices=list(SETTINGS),
+                            help="Serve settings to load once more with the proxy talking gRPC to replicas; "
+                            "none to skip")
     run_parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "serving.json",
                             help="JSON file for the results")
     args = parser.parse_args(argv)
@@ -489,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
         prepare(args.work_dir.resolve(), args.epochs)
     else:
         run(args.work_dir.resolve(), args.duration_s, args.settings, args.output, args.freshness_setting,
-            args.grpc_proxy_setting)
+            args.grpc_proxy_settings)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Build it with ``serve run serving.app:build_app feature_repo=<path> model_dir=<p
 
 - ``graph``: lookup, candidate generation and ranking each in a deployment (three handle calls);
 - ``ranker``: lookup and candidates inside the ingress, the batched ranker in a deployment (one);
-- ``single``: every stage inside the ingress (no handle calls, no cross-request batching).
+- ``single``: every stage inside the ingress (no handle calls); concurrent requests share a model call.
 
 Each deployment wraps one plain class from ``serving.stages``. Deployments that hold a model take
 ``user_config: {model_version: ...}``; changing it swaps the model in place without restarting
@@ -72,7 +72,10 @@ class ModelConfig:
     max_batch_size: int = 16
     """Most requests the ranker scores in one model call."""
     batch_wait_timeout_s: float = 0.002
-    """How long the ranker waits to fill a batch once the first request has arrived."""
+    """How long the ranker deployment waits to fill a batch once the first request has arrived.
+
+    A ranker inside the ingress (``single`` topology) never waits: its batch holds the requests
+    that reached ranking meanwhile (``serving.flow.RankBatcher``)."""
 
     def __post_init__(self) -> None:
         if not self.model_version:
@@ -182,18 +185,10 @@ class RankerDeployment:
         # Exactly one output per request. Requests that clients abandoned never get here: Serve
         # drops cancelled requests from a batch before calling this method.
         get_metrics().observe_batch_size(len(requests))
-        try:
-            return self.stage.rank_requests(requests)
-        except Exception:
-            logger.exception("Ranking a batch of %d requests failed; ranking them one by one", len(requests))
-        outputs: list[RankedList | RankFailure] = []
-        for request in requests:
-            try:
-                outputs.append(self.stage.rank_requests([request])[0])
-            except Exception as error:  # one bad request must not fail its batch
-                logger.exception("Ranking one request failed")
-                outputs.append(RankFailure(f"{type(error).__name__}: {error}"))
-        return outputs
+        return [
+            RankFailure(f"{type(output).__name__}: {output}") if isinstance(output, Exception) else output
+            for output in self.stage.rank_each(requests)
+        ]
 
     def popular(self, k: int) -> RankedList:
         return RankedList(tuple(self.stage.popular_items(k)), self.stage.model_version, backfilled=True)
@@ -303,6 +298,7 @@ class Ingress:
             local_lookup if isinstance(local_lookup, FeatureLookup) else None,
             self.local_generator,
             self.local_ranker,
+            max_batch_size=self.model.config.max_batch_size if self.model is not None else 1,
         )
         self.calls = ServeStageCalls(
             lookup if isinstance(lookup, DeploymentHandle) else local_lookup,
@@ -330,7 +326,8 @@ class Ingress:
 
     async def reconfigure(self, config: dict) -> None:
         if self.model is not None:
-            await self.model.reconfigure(config)
+            new = await self.model.reconfigure(config)
+            self.calls.local.set_max_batch_size(new.max_batch_size)
 
     async def _append_events(self, events: list[BehaviorEvent], timeout_s: float) -> dict[int, int]:
         lengths, error = await _call(self.updater.append, events, timeout_s=timeout_s)

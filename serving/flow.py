@@ -75,27 +75,110 @@ class StageCalls(Protocol):
         """Popular items without calling a stage, for when the ranker itself missed its timeout."""
 
 
+class RankBatcher:
+    """Ranks together the requests of one process that reach ranking in the same event-loop turn.
+
+    The first request of a turn schedules the batch for the next turn, so a batch never waits for
+    more requests: under load it holds the requests that queued up meanwhile, and alone a request
+    is ranked at once. Each request gets exactly one output, its own ranking error included, and a
+    request whose caller gave up before its batch started is left out.
+    """
+
+    def __init__(self, rank_each: Callable[[list[RankRequest]], list], max_batch_size: int = 16, in_threads: bool = False) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.rank_each = rank_each
+        self.max_batch_size = max_batch_size
+        self.in_threads = in_threads
+        self._waiting: list[tuple[RankRequest, asyncio.Future]] = []
+        self._running: set[asyncio.Task] = set()
+
+    async def rank(self, request: RankRequest) -> RankedList:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._waiting.append((request, future))
+        if len(self._waiting) == 1:
+            loop.call_soon(self._start_batches)
+        return await future
+
+    def _start_batches(self) -> None:
+        waiting = [(request, future) for request, future in self._waiting if not future.done()]
+        self._waiting = []
+        for start in range(0, len(waiting), self.max_batch_size):
+            batch = waiting[start : start + self.max_batch_size]
+            if self.in_threads:
+                task = asyncio.get_running_loop().create_task(self._run_in_thread(batch))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+            else:
+                self._deliver(batch, self._rank(batch))
+
+    async def _run_in_thread(self, batch: list[tuple[RankRequest, asyncio.Future]]) -> None:
+        self._deliver(batch, await asyncio.to_thread(self._rank, batch))
+
+    def _rank(self, batch: list[tuple[RankRequest, asyncio.Future]]) -> list:
+        get_metrics().observe_batch_size(len(batch))
+        try:
+            return self.rank_each([request for request, _ in batch])
+        except Exception as error:  # rank_each isolates requests; this is the last guard for the queue
+            logger.exception("Ranking a batch of %d requests failed", len(batch))
+            return [error] * len(batch)
+
+    @staticmethod
+    def _deliver(batch: list[tuple[RankRequest, asyncio.Future]], outputs: list) -> None:
+        for (_, future), output in zip(batch, outputs, strict=True):
+            if future.done():
+                continue
+            if isinstance(output, Exception):
+                future.set_exception(output)
+            else:
+                future.set_result(output)
+
+
 class LocalStageCalls:
     """Stage calls in this process.
 
     With ``in_threads``, each call runs in a worker thread, so a timeout returns on time while the
     call finishes in the background. Without it, a call runs to the end and then counts as timed
-    out if it took longer than its timeout.
+    out if it took longer than its timeout. Ranking goes through a ``RankBatcher`` unless
+    ``max_batch_size`` is 1.
     """
 
-    def __init__(self, lookup: FeatureLookup, generator: CandidateGenerator, ranker: Ranker, in_threads: bool = False) -> None:
+    def __init__(
+        self,
+        lookup: FeatureLookup,
+        generator: CandidateGenerator,
+        ranker: Ranker,
+        in_threads: bool = False,
+        max_batch_size: int = 16,
+    ) -> None:
         self.lookup_stage = lookup
         self.generator = generator
         self.ranker = ranker
         self.in_threads = in_threads
+        self.batcher: RankBatcher | None = None
+        self.set_max_batch_size(max_batch_size)
+
+    def set_max_batch_size(self, max_batch_size: int) -> None:
+        """Rank up to ``max_batch_size`` concurrent requests in one model call; 1 ranks each alone."""
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_batch_size == 1:
+            self.batcher = None
+        elif self.batcher is None:
+            self.batcher = RankBatcher(self._rank_each, max_batch_size, self.in_threads)
+        else:
+            self.batcher.max_batch_size = max_batch_size
+
+    def _rank_each(self, requests: list[RankRequest]) -> list:
+        return self.ranker.rank_each(requests)  # the ranker in place now, after any model swap
 
     async def _call(self, function: Callable, *args, timeout_s: float):
         if self.in_threads:
             return await asyncio.wait_for(asyncio.to_thread(function, *args), timeout_s)
         start = time.monotonic()
         result = function(*args)
-        if time.monotonic() - start > timeout_s:
-            raise TimeoutError(f"{getattr(function, '__name__', function)} took longer than {timeout_s:.3f} s")
+        _check_elapsed(function, start, timeout_s)
         return result
 
     async def lookup(self, user_id: int, timeout_s: float) -> UserSequence | None:
@@ -105,11 +188,22 @@ class LocalStageCalls:
         return await self._call(self.generator.generate, sequence, excluded, timeout_s=timeout_s)
 
     async def rank(self, request: RankRequest, timeout_s: float) -> RankedList:
-        return (await self._call(self.ranker.rank_requests, [request], timeout_s=timeout_s))[0]
+        if self.batcher is None:
+            return (await self._call(self.ranker.rank_requests, [request], timeout_s=timeout_s))[0]
+        start = time.monotonic()
+        ranked = await asyncio.wait_for(self.batcher.rank(request), timeout_s)
+        _check_elapsed(self.batcher.rank, start, timeout_s)
+        return ranked
 
     def fallback(self, k: int, excluded: frozenset[int]) -> RankedList:
         model = self.ranker.model
         return RankedList(tuple(model.popular_items(k, excluded)), model.version, backfilled=True)
+
+
+def _check_elapsed(function: Callable, start: float, timeout_s: float) -> None:
+    """Raise TimeoutError for a call that ran on the event loop past its timeout."""
+    if time.monotonic() - start > timeout_s:
+        raise TimeoutError(f"{getattr(function, '__name__', function)} took longer than {timeout_s:.3f} s")
 
 
 def _remaining_s(deadline: float, timeout_s: float) -> float:

@@ -32,11 +32,21 @@ def create_local_app(
     candidates: CandidateConfig | None = None,
     filters: FilterConfig | None = None,
     timeouts: StageTimeouts | None = None,
+    max_batch_size: int = 16,
 ) -> FastAPI:
-    """Build the in-process service: every stage in this process, called directly."""
+    """Build the in-process service: every stage in this process, called directly.
+
+    Concurrent requests that reach ranking together share one model call of up to
+    ``max_batch_size`` requests; 1 ranks each request alone.
+    """
     model = ServingModel.load(model_dir, model_version)
     ranker = Ranker(model)
-    calls = LocalStageCalls(FeatureLookup(feature_repo), CandidateGenerator(feature_repo, model, candidates), ranker)
+    calls = LocalStageCalls(
+        FeatureLookup(feature_repo),
+        CandidateGenerator(feature_repo, model, candidates),
+        ranker,
+        max_batch_size=max_batch_size,
+    )
     updater = SequenceUpdater(feature_repo)
 
     async def append_events(events: list[BehaviorEvent], timeout_s: float) -> dict[int, int]:
@@ -68,9 +78,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-version", default="latest", help="version folder to serve")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8300, help="port to listen on")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=16, help="most concurrent requests ranked in one model call; 1 turns batching off"
+    )
     args = parser.parse_args(argv)
+    if args.max_batch_size < 1:
+        parser.error(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_local_app(args.feature_repo, args.model_dir, args.model_version)
+    app = create_local_app(args.feature_repo, args.model_dir, args.model_version, max_batch_size=args.max_batch_size)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -439,6 +439,21 @@ class Ranker:
             outputs.append(complete(model, items, request.k, request.excluded))
         return outputs
 
+    def rank_each(self, requests: Sequence[RankRequest]) -> list[RankedList | Exception]:
+        """``rank_requests``, except that a request whose own ranking raises gets its exception as output.
+
+        The batch is ranked in one model call first. If that raises, each request is ranked on its
+        own, so one bad request never fails the others.
+        """
+        try:
+            return self.rank_requests(requests)
+        except Exception as error:
+            if len(requests) == 1:
+                logger.exception("Ranking one request failed")
+                return [error]
+            logger.exception("Ranking a batch of %d requests failed; ranking them one by one", len(requests))
+        return [output for request in requests for output in self.rank_each([request])]
+
     def popular_items(self, k: int, exclude: Iterable[int] = ()) -> list[ScoredItem]:
         return self.model.popular_items(k, exclude)
 
@@ -502,10 +517,11 @@ class RecommendationPipeline:
         filters: FilterConfig | None = None,
         timeouts: "StageTimeouts | None" = None,
         in_threads: bool = False,
+        max_batch_size: int = 16,
     ) -> None:
         from serving.flow import LocalStageCalls, StageTimeouts
 
-        self.calls = LocalStageCalls(lookup, generator, ranker, in_threads=in_threads)
+        self.calls = LocalStageCalls(lookup, generator, ranker, in_threads=in_threads, max_batch_size=max_batch_size)
         self.filters = filters or FilterConfig()
         self.timeouts = timeouts or StageTimeouts()
 

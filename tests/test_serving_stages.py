@@ -1,5 +1,6 @@
 """The serving stages as plain classes, against a real Redis online store."""
 
+import asyncio
 import dataclasses
 import datetime
 
@@ -22,7 +23,7 @@ from serving.candidates import (
     bought_items,
     merge_candidates,
 )
-from serving.flow import StageTimeouts
+from serving.flow import RankBatcher, StageTimeouts, recommend
 from serving.stages import (
     ONLINE_STORE_UNAVAILABLE,
     RANKING_TIMED_OUT,
@@ -30,6 +31,7 @@ from serving.stages import (
     FeatureLookup,
     OnlineStoreUnavailable,
     Ranker,
+    RankedList,
     RankRequest,
     RecommendationPipeline,
     ServingModel,
@@ -259,6 +261,87 @@ def test_rank_requests_gives_one_output_per_request(model):
     assert not {110, 102} & {item.item_id for item in outputs[3].items}
     assert outputs[3].items[0].item_id == 111
     assert {output.model_version for output in outputs} == {"v0"}
+
+
+def test_rank_each_isolates_a_failing_request(model):
+    ranker = Ranker(model)
+    sequence = UserSequence(1, (101, 102), (1, 1), ("pv", "pv"), (1, 2))
+    good = RankRequest(sequence, (110, 111, 112), k=2)
+    overflowing = RankRequest(sequence, (2**70,), k=2)  # passes RankRequest's checks, fails in the model call
+    outputs = ranker.rank_each([good, overflowing, good])
+    assert [type(output) for output in outputs] == [RankedList, OverflowError, RankedList]
+    assert outputs[0] == outputs[2] == ranker.rank_requests([good])[0]
+
+
+class RecordingRanker:
+    """A rank_each stand-in that records its batches; a request with k=13 fails."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __call__(self, requests):
+        self.batches.append([request.k for request in requests])
+        return [ValueError("k 13") if request.k == 13 else RankedList((), f"k{request.k}", backfilled=False) for request in requests]
+
+
+def test_rank_batcher_gives_each_request_its_own_output():
+    recorder = RecordingRanker()
+    batcher = RankBatcher(recorder, max_batch_size=16)
+
+    async def rank_all(ks):
+        return await asyncio.gather(*(batcher.rank(RankRequest(None, (), k=k)) for k in ks), return_exceptions=True)
+
+    outputs = asyncio.run(rank_all(range(1, 41)))
+    assert [len(batch) for batch in recorder.batches] == [16, 16, 8]
+    assert [output.model_version for output in outputs if isinstance(output, RankedList)] == [
+        f"k{k}" for k in range(1, 41) if k != 13
+    ]
+    assert isinstance(outputs[12], ValueError)
+
+    recorder.batches.clear()
+    assert asyncio.run(rank_all([5]))[0].model_version == "k5"  # alone, ranked at once
+    assert recorder.batches == [[5]]
+
+
+def test_rank_batcher_leaves_out_abandoned_requests():
+    recorder = RecordingRanker()
+    batcher = RankBatcher(recorder, max_batch_size=16)
+
+    async def abandon_some():
+        tasks = [asyncio.create_task(batcher.rank(RankRequest(None, (), k=k))) for k in range(1, 7)]
+        await asyncio.sleep(0)  # every task is now waiting for its batch
+        for task in tasks[::2]:
+            task.cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    outputs = asyncio.run(abandon_some())
+    assert recorder.batches == [[2, 4, 6]]
+    assert [type(output).__name__ for output in outputs] == ["CancelledError", "RankedList"] * 3
+    assert asyncio.run(batcher.rank(RankRequest(None, (), k=3))).model_version == "k3"
+
+
+@pytest.mark.parametrize("in_threads", [False, True])
+def test_batched_ranking_matches_ranking_alone(stack, model, in_threads):
+    def pipeline(max_batch_size):
+        return pipeline_for(stack, model, in_threads=in_threads, max_batch_size=max_batch_size)
+
+    batched, alone = pipeline(16), pipeline(1)
+    sizes, rank_each = [], batched.calls.ranker.rank_each
+    batched.calls.ranker.rank_each = lambda requests: sizes.append(len(requests)) or rank_each(requests)
+
+    async def recommend_all(calls):
+        requests = [(user, k) for user in (1, 2, 3, 777) for k in (3, 7)]
+        return await asyncio.gather(*(recommend(calls, user, k, timeouts=PATIENT) for user, k in requests))
+
+    together = asyncio.run(recommend_all(batched.calls))
+    one_by_one = asyncio.run(recommend_all(alone.calls))
+    assert [[(item.item_id, round(item.score, 5)) for item in result.items] for result in together] == [
+        [(item.item_id, round(item.score, 5)) for item in result.items] for result in one_by_one
+    ]
+    assert all(result.degraded == () for result in together)
+    assert sum(sizes) == 8
+    if not in_threads:  # stages on the event loop: every request reaches ranking in the same turn
+        assert sizes == [8]
 
 
 def test_rank_request_rejects_bad_k():
