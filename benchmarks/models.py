@@ -402,6 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--category-rule", choices=CATEGORY_RULES, default="combination", help="item attributes to category")
     parser.add_argument("--max-epochs", type=int, help="cap on the epochs of every run, RecBole's included")
+    parser.add_argument(
+        "--loss", choices=("full", "sampled"), help="softmax of every seqrec run, in place of each recipe's own"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed of every seqrec run")
     parser.add_argument("--output", default=str(RESULTS_PATH), help="JSON file of the results")
     args = parser.parse_args(argv)
@@ -414,6 +417,9 @@ def main(argv: list[str] | None = None) -> None:
         for name, recipe in RECIPES.items():
             RECIPES[name] = dataclasses.replace(recipe, training={**recipe.training, "epochs": args.max_epochs})
         RECBOLE_SETTINGS["epochs"] = args.max_epochs
+    if args.loss is not None:
+        for name, recipe in RECIPES.items():
+            RECIPES[name] = dataclasses.replace(recipe, training={**recipe.training, "loss": args.loss})
 
     output = Path(args.output)
     commit = _git_commit()
