@@ -10,7 +10,8 @@ Ray Train, on a private local Ray instance. ``run`` starts a private redis-serve
 the features into it, and loads each service with wrk at each concurrency: a no-op endpoint (the
 calibration), the in-process pipeline in one uvicorn process, and the Serve application with each
 setting in turn. Then it measures the time from an event post to the first recommendation that
-uses the event. Every server listens on 127.0.0.1 on a free port.
+uses the event. Every server listens on 127.0.0.1: on a free port, or, for the ingress replica
+in the direct-ingress mode, on the port Serve picks for it (30000 and up).
 """
 
 from __future__ import annotations
@@ -76,6 +77,28 @@ SETTINGS = {
         "description": "0 handle calls, 2 ingress replicas",
         "args": {"topology": "single"},
         "deployments": {"Ingress": {"num_replicas": 2}},
+    },
+}
+
+# Serve switches that apply to a whole Ray instance, each loaded with the settings listed.
+DIRECT_INGRESS = "direct-ingress"
+RAY_MODES = {
+    "grpc-proxy": {
+        "description": "the proxy talks gRPC to the replicas (RAY_SERVE_PROXY_USE_GRPC=1)",
+        "env": {"RAY_SERVE_PROXY_USE_GRPC": "1"},
+        "settings": ["single", "single-2-replicas"],
+    },
+    "throughput-optimized": {
+        "description": "Serve's throughput-optimized mode with the proxy kept: user code on the replica's "
+        "event loop, gRPC from the proxy, buffered request logs",
+        "env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
+        "settings": ["single"],
+    },
+    DIRECT_INGRESS: {
+        "description": "Serve's throughput-optimized mode: the ingress replica serves HTTP itself on a "
+        "port of its own, with no proxy (RAY_SERVE_THROUGHPUT_OPTIMIZED=1)",
+        "env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+        "settings": ["single"],
     },
 }
 
@@ -311,6 +334,22 @@ def deploy(config: dict) -> None:
         time.sleep(0.5)
 
 
+def direct_ingress_url() -> str:
+    """URL of the ingress replica's own HTTP server, from the Serve controller's routing targets."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    deadline = time.monotonic() + 120
+    while True:
+        groups = ray.get(_get_global_client()._controller.get_target_groups.remote(SERVE_APP))
+        ports = [target.port for group in groups if group.protocol.name == "HTTP" for target in group.targets]
+        if ports:
+            return f"http://127.0.0.1:{ports[0]}"
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no replica of {SERVE_APP} serves HTTP after 120 s")
+        time.sleep(0.5)
+
+
 def event_freshness(url: str, user_ids: list[int], trials: int) -> dict:
     """Time from posting an event to the first recommendation whose newest event is that event."""
     times_ms, attempts = [], []
@@ -376,7 +415,7 @@ def summarize(results: dict) -> dict:
 
 
 def run(
-    work_dir: Path, duration_s: int, settings: list[str], output: Path, freshness_setting: str, grpc_proxy_settings: list[str]
+    work_dir: Path, duration_s: int, settings: list[str], output: Path, freshness_setting: str, ray_modes: list[str]
 ) -> None:
     import ray
     from ray import serve
@@ -397,6 +436,7 @@ def run(
         "duration_s_per_level": duration_s,
         "k": K,
         "settings": {name: SETTINGS[name]["description"] for name in settings},
+        "ray_modes": {name: RAY_MODES[name]["description"] for name in ray_modes},
         "serve": {},
     }
     try:
@@ -447,19 +487,29 @@ def run(
                 print(f"    event to recommendation: {results['event_freshness']}", flush=True)
         print("serve: no-op route (GET /healthz through the proxy and the ingress)", flush=True)
         results["serve_noop_healthz"] = load_series(url, users, duration_s, path="/healthz", method="GET")
-        if grpc_proxy_settings:
-            # The proxy reads this switch when it starts, so it takes a fresh Ray instance.
+        for mode in ray_modes:
+            # Serve reads these switches when Ray starts, so each mode takes a fresh Ray instance.
             serve.shutdown()
             ray.shutdown()
-            os.environ["RAY_SERVE_PROXY_USE_GRPC"] = "1"
+            for variable in {name for other in RAY_MODES.values() for name in other["env"]}:
+                os.environ.pop(variable, None)
+            os.environ.update(RAY_MODES[mode]["env"])
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            for setting in grpc_proxy_settings:
-                name = f"{setting}-grpc-proxy"
+            for setting in RAY_MODES[mode]["settings"]:
+                name = f"{setting}-{mode}"
                 print(f"serve: {name}", flush=True)
                 deploy(serve_config(repo, models, port, SETTINGS[setting]))
-                wait_until_up(f"{url}/healthz")
-                results["serve"][name] = load_series(url, users, duration_s)
+                target = direct_ingress_url() if mode == DIRECT_INGRESS else url
+                wait_until_up(f"{target}/healthz")
+                results["serve"][name] = load_series(target, users, duration_s)
+                if mode == DIRECT_INGRESS:
+                    results["event_freshness_direct_ingress"] = event_freshness(target, users[:10], trials=20)
+                    print(f"    event to recommendation: {results['event_freshness_direct_ingress']}", flush=True)
+                    print(f"serve: no-op route of {name}", flush=True)
+                    results["serve_noop_healthz_direct_ingress"] = load_series(
+                        target, users, duration_s, path="/healthz", method="GET"
+                    )
     finally:
         try:
             serve.shutdown()
@@ -497,10 +547,9 @@ def main(argv: list[str] | None = None) -> None:
                             help="Serve settings to load, in order")
     run_parser.add_argument("--freshness-setting", default="ranker", choices=list(SETTINGS),
                             help="Serve setting on which to time an event post to its first use")
-    run_parser.add_argument("--grpc-proxy-settings", nargs="*", default=["single", "single-2-replicas"],
-                            choices=list(SETTINGS),
-                            help="Serve settings to load once more with the proxy talking gRPC to replicas; "
-                            "none to skip")
+    run_parser.add_argument("--ray-modes", nargs="*", default=list(RAY_MODES), choices=list(RAY_MODES),
+                            help="Ray-wide Serve switches, each loaded on a fresh Ray instance with its own "
+                            "settings; none to skip")
     run_parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "serving.json",
                             help="JSON file for the results")
     args = parser.parse_args(argv)
@@ -508,7 +557,7 @@ def main(argv: list[str] | None = None) -> None:
         prepare(args.work_dir.resolve(), args.epochs)
     else:
         run(args.work_dir.resolve(), args.duration_s, args.settings, args.output, args.freshness_setting,
-            args.grpc_proxy_settings)
+            args.ray_modes)
 
 
 if __name__ == "__main__":
