@@ -74,7 +74,7 @@ class ModelConfig:
     batch_wait_timeout_s: float = 0.002
     """How long the ranker deployment waits to fill a batch once the first request has arrived.
 
-    A ranker inside the ingress (``single`` topology) never waits: its batch holds the requests
+    A ranker inside the ingress (``single`` topology) never waits: its batch contains the requests
     that reached ranking meanwhile (``serving.flow.RankBatcher``)."""
 
     def __post_init__(self) -> None:

@@ -79,7 +79,7 @@ class RankBatcher:
     """Ranks together the requests of one process that reach ranking in the same event-loop turn.
 
     The first request of a turn schedules the batch for the next turn, so a batch never waits for
-    more requests: under load it holds the requests that queued up meanwhile, and alone a request
+    more requests: under load it contains the requests that queued up meanwhile, and alone a request
     is ranked at once. Each request gets exactly one output, its own ranking error included, and a
     request whose caller gave up before its batch started is left out.
     """
@@ -120,7 +120,7 @@ class RankBatcher:
         get_metrics().observe_batch_size(len(batch))
         try:
             return self.rank_each([request for request, _ in batch])
-        except Exception as error:  # rank_each isolates requests; this is the last guard for the queue
+        except Exception as error:  # rank_each isolates requests, so only an unexpected failure gets here
             logger.exception("Ranking a batch of %d requests failed", len(batch))
             return [error] * len(batch)
 

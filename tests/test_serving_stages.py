@@ -281,7 +281,13 @@ class RecordingRanker:
 
     def __call__(self, requests):
         self.batches.append([request.k for request in requests])
-        return [ValueError("k 13") if request.k == 13 else RankedList((), f"k{request.k}", backfilled=False) for request in requests]
+        outputs = []
+        for request in requests:
+            if request.k == 13:
+                outputs.append(ValueError("k 13"))
+            else:
+                outputs.append(RankedList((), f"k{request.k}", backfilled=False))
+        return outputs
 
 
 def test_rank_batcher_gives_each_request_its_own_output():
