@@ -334,22 +334,6 @@ def deploy(config: dict) -> None:
         time.sleep(0.5)
 
 
-def direct_ingress_url() -> str:
-    """URL of the ingress replica's own HTTP server, from the Serve controller's routing targets."""
-    import ray
-    from ray.serve.context import _get_global_client
-
-    deadline = time.monotonic() + 120
-    while True:
-        groups = ray.get(_get_global_client()._controller.get_target_groups.remote(SERVE_APP))
-        ports = [target.port for group in groups if group.protocol.name == "HTTP" for target in group.targets]
-        if ports:
-            return f"http://127.0.0.1:{ports[0]}"
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no replica of {SERVE_APP} serves HTTP after 120 s")
-        time.sleep(0.5)
-
-
 def event_freshness(url: str, user_ids: list[int], trials: int) -> dict:
     """Time from posting an event to the first recommendation whose newest event is that event."""
     times_ms, attempts = [], []
@@ -420,6 +404,7 @@ def run(
     import ray
     from ray import serve
 
+    from serving.app import direct_ingress_url
     from training.materialize import materialize
 
     repo = feature_repo_for(work_dir)
@@ -500,7 +485,7 @@ def run(
                 name = f"{setting}-{mode}"
                 print(f"serve: {name}", flush=True)
                 deploy(serve_config(repo, models, port, SETTINGS[setting]))
-                target = direct_ingress_url() if mode == DIRECT_INGRESS else url
+                target = direct_ingress_url(SERVE_APP) if mode == DIRECT_INGRESS else url
                 wait_until_up(f"{target}/healthz")
                 results["serve"][name] = load_series(target, users, duration_s)
                 if mode == DIRECT_INGRESS:

@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Any, Literal
 
 from ray import serve
 from ray.serve import Application
+from ray.serve._private.common import REPLICA_ID_FULL_ID_STR_PREFIX
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -334,6 +336,38 @@ class Ingress:
         if error is not None:
             raise OnlineStoreUnavailable(error)
         return lengths
+
+
+def direct_ingress_url(app_name: str, timeout_s: float = 120) -> str:
+    """Return the URL of an application's ingress replica under Serve's direct ingress.
+
+    With ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` Serve starts no proxy, and each ingress replica
+    serves HTTP on a port of its own. This reads the first such replica from the Serve
+    controller's routing targets, from a driver connected to the Ray instance, and waits up to
+    ``timeout_s`` for one to start.
+    """
+    import ray
+    from ray.serve.context import _get_global_client
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        groups = ray.get(_get_global_client()._controller.get_target_groups.remote(app_name))
+        # Without direct ingress the targets are the proxies, so only replicas count here.
+        ports = [
+            target.port
+            for group in groups
+            if group.protocol.name == "HTTP"
+            for target in group.targets
+            if target.name.startswith(REPLICA_ID_FULL_ID_STR_PREFIX)
+        ]
+        if ports:
+            return f"http://127.0.0.1:{ports[0]}"
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"no replica of {app_name!r} serves HTTP after {timeout_s} s; direct ingress needs "
+                "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the environment of the Ray instance"
+            )
+        time.sleep(0.5)
 
 
 def deployment_names(topology: Topology) -> set[str]:
