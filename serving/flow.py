@@ -161,14 +161,11 @@ class LocalStageCalls:
 
     def set_max_batch_size(self, max_batch_size: int) -> None:
         """Rank up to ``max_batch_size`` concurrent requests in one model call; 1 ranks each alone."""
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        # A replaced batcher still starts the batches already waiting in it.
         if max_batch_size == 1:
             self.batcher = None
-        elif self.batcher is None:
-            self.batcher = RankBatcher(self._rank_each, max_batch_size, self.in_threads)
         else:
-            self.batcher.max_batch_size = max_batch_size
+            self.batcher = RankBatcher(self._rank_each, max_batch_size, self.in_threads)
 
     def _rank_each(self, requests: list[RankRequest]) -> list:
         return self.ranker.rank_each(requests)  # the ranker in place now, after any model swap
@@ -192,7 +189,8 @@ class LocalStageCalls:
             return (await self._call(self.ranker.rank_requests, [request], timeout_s=timeout_s))[0]
         start = time.monotonic()
         ranked = await asyncio.wait_for(self.batcher.rank(request), timeout_s)
-        _check_elapsed(self.batcher.rank, start, timeout_s)
+        if not self.in_threads:  # the batch may have run on the event loop past the timeout
+            _check_elapsed(self.batcher.rank, start, timeout_s)
         return ranked
 
     def fallback(self, k: int, excluded: frozenset[int]) -> RankedList:

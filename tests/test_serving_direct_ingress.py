@@ -78,7 +78,7 @@ def test_replica_uses_posted_event_next(replica_url):
     assert body["latest_event_timestamp"] == 1_700_000_000
 
 
-def test_replica_rejects_bad_input_and_reports_model(replica_url):
+def test_replica_validates_input_reports_model(replica_url):
     with httpx.Client(base_url=replica_url, timeout=30) as client:
         invalid = client.post("/v1/recommend", json={"user_id": 1, "k": 0})
         model = client.get("/v1/model")

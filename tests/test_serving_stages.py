@@ -290,7 +290,7 @@ class RecordingRanker:
         return outputs
 
 
-def test_rank_batcher_gives_each_request_its_own_output():
+def test_rank_batcher_one_output_per_request():
     recorder = RecordingRanker()
     batcher = RankBatcher(recorder, max_batch_size=16)
 
@@ -309,7 +309,7 @@ def test_rank_batcher_gives_each_request_its_own_output():
     assert recorder.batches == [[5]]
 
 
-def test_rank_batcher_leaves_out_abandoned_requests():
+def test_rank_batcher_skips_abandoned_requests():
     recorder = RecordingRanker()
     batcher = RankBatcher(recorder, max_batch_size=16)
 
