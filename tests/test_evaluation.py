@@ -15,7 +15,7 @@ from training.evaluation import (
     target_ranks,
 )
 from training.examples import TEST, split_user_examples
-from training.models import SASRec, SASRecConfig
+from training.models import PopularityRanker, SASRec, SASRecConfig, SequenceBatch
 from training.train import _inputs, _matrix
 from training.vocab import Vocabulary
 
@@ -159,6 +159,22 @@ def test_evaluate_batch_adds_sampled_metrics_only_on_request():
     assert both["sampled_mrr"] >= plain["mrr"]
 
 
+def test_exclude_seen_drops_input_items():
+    # Popularity scores item i by counts[i], so items 9, 8, 7, ... rank first for every user.
+    ranker = PopularityRanker(np.arange(10, dtype=np.float32))
+    batch = SequenceBatch.from_numpy(
+        np.array([[0, 9, 8], [0, 0, 9]]), np.zeros((2, 3), np.int64), np.zeros((2, 3), np.int64)
+    )
+    targets = torch.tensor([7, 9])
+    plain = evaluate_batch(ranker, batch, targets)
+    excluded = evaluate_batch(ranker, batch, targets, exclude_seen=True)
+    # Sums over the two users. User 1's target 7 ranks third among all items, and first once 9 and
+    # 8 are left out. User 2's target 9 ranks first, and is a miss once its input items are left out.
+    assert plain["mrr@10"] == pytest.approx(1 / 3 + 1)
+    assert excluded["mrr@10"] == pytest.approx(1 + 0)
+    assert excluded["hr@20"] == 1.0
+
+
 def test_timestamps_round_down_to_seconds_as_features_do():
     from training.examples import timestamps_seconds
 
@@ -174,7 +190,7 @@ def test_command_line_maps_switches_and_split():
         [
             "--events", "e.parquet", "--model-dir", "models", "--no-category", "--time-gap",
             "--split", "temporal", "--validation-time", "2017-12-01T00:00", "--test-time", "1512172800",
-            "--sampled-metrics", "popularity", "--sampled-seed", "5", "--use-gpu", "no",
+            "--sampled-metrics", "popularity", "--sampled-seed", "5", "--use-gpu", "no", "--exclude-seen",
         ]
     )
     assert model_options["use_category"] is False
@@ -185,6 +201,7 @@ def test_command_line_maps_switches_and_split():
     assert split.test_time_s == 1512172800
     assert config.sampled_metrics == SampledMetricsConfig("popularity", 100, 5)
     assert config.use_gpu == "no"
+    assert config.exclude_seen is True
 
 
 def test_command_line_rejects_invalid_split(capsys):

@@ -4,6 +4,10 @@ Ties are broken at random in expectation: a target that ties with ``t`` other it
 ``greater + t / 2``. A ranker that scores many items alike (popularity, for one) is thus neither
 favoured nor penalised by the order of item ids.
 
+With ``exclude_seen``, the items among a user's input events are left out of that user's ranking,
+as in a shop that never recommends an item twice. A target that the user has already seen then
+counts as a miss. The option is off by default.
+
 Sampled-negative metrics (the target ranked against a few sampled items) are computed only on
 request, with a named sampler and a seed. They are reported under ``sampled_`` names and never
 replace the full-ranking ones.
@@ -145,13 +149,23 @@ def evaluate_batch(
     targets: torch.Tensor,
     user_ids: np.ndarray | None = None,
     sampler: NegativeSampler | None = None,
+    exclude_seen: bool = False,
 ) -> dict[str, float]:
     """Rank each target against all items with ``encode`` then ``score_all``; return metric sums.
 
-    With a ``sampler`` (and the batch's ``user_ids``), sampled-negative sums are added.
+    With a ``sampler`` (and the batch's ``user_ids``), sampled-negative sums are added. With
+    ``exclude_seen``, the items of the batch's inputs get the lowest score before ranking, and a
+    target among them gets an infinite rank.
     """
     scores = ranker.score_all(ranker.encode(batch))
-    sums = metric_sums(target_ranks(scores, targets))
+    if exclude_seen:
+        scores = scores.scatter(1, batch.item_ids, float("-inf"))
+        ranks = target_ranks(scores, targets)
+        seen_targets = (batch.item_ids == targets.unsqueeze(1)).any(dim=1)
+        ranks = ranks.masked_fill(seen_targets, float("inf"))
+    else:
+        ranks = target_ranks(scores, targets)
+    sums = metric_sums(ranks)
     if sampler is not None:
         if user_ids is None:
             raise ValueError("sampled metrics need the user ids of the batch")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import logging
 import os
 import signal
@@ -86,6 +87,8 @@ class TrainingConfig:
     """Worker-group restarts from the latest checkpoint before the run fails."""
     sampled_metrics: SampledMetricsConfig | None = None
     """Also report sampled-negative metrics, with this named sampler and seed."""
+    exclude_seen: bool = False
+    """Exclusion of each user's input items from that user's evaluation ranking (see training.evaluation)."""
     window_stride: int | None = None
     """Step between training windows of a long sequence; None means the sequence length. A smaller
     step gives every target more earlier events to attend to, and costs more windows per epoch."""
@@ -141,6 +144,7 @@ def evaluate_split(
     world_size: int,
     device: torch.device | str = "cpu",
     sampler: NegativeSampler | None = None,
+    exclude_seen: bool = False,
 ) -> dict[str, float]:
     """Full-ranking metrics over one split; each worker ranks the users with ``user_id % world_size == rank``."""
     ranker.eval()
@@ -149,7 +153,9 @@ def evaluate_split(
         batch = batch.filter(pa.array(batch[USER_ID].to_numpy() % world_size == rank))
         if batch.num_rows:
             targets = _matrix(batch, ex.TARGETS)[:, -1].to(device)
-            part = evaluate_batch(ranker, _inputs(batch).to(device), targets, batch[USER_ID].to_numpy(), sampler)
+            part = evaluate_batch(
+                ranker, _inputs(batch).to(device), targets, batch[USER_ID].to_numpy(), sampler, exclude_seen
+            )
             add_sums(sums, part)
     return means(_all_reduce_sums(sums, _metric_names(sampler is not None), device))
 
@@ -301,11 +307,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
             logger.info("Resumed from the checkpoint of epoch %d; training continues at epoch %d", state["epoch"], state["epoch"] + 1)
 
     shards = {name: ray.train.get_dataset_shard(name) for name in (ex.TRAIN, ex.VALIDATION, ex.TEST)}
+    evaluate = functools.partial(
+        evaluate_split,
+        batch_size=config.eval_batch_size,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        sampler=sampler,
+        exclude_seen=config.exclude_seen,
+    )
     baselines = {
-        name: {
-            split: evaluate_split(ranker, shards[split], config.eval_batch_size, rank, world_size, device, sampler)
-            for split in (ex.VALIDATION, ex.TEST)
-        }
+        name: {split: evaluate(ranker, shards[split]) for split in (ex.VALIDATION, ex.TEST)}
         for name, ranker in _build_baselines(loop_config, device).items()
     }
 
@@ -315,11 +327,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             model, ddp_model, optimizer, shards[ex.TRAIN], config, epoch, num_negatives, device, rank, world_size
         )
         total_sequences = _all_reduce_sums({"sequences": sequences}, ["sequences"], device)["sequences"]
-        validation = evaluate_split(model, shards[ex.VALIDATION], config.eval_batch_size, rank, world_size, device, sampler)
+        validation = evaluate(model, shards[ex.VALIDATION])
         epoch_time_s = time.monotonic() - started
         state["elapsed_s"] += epoch_time_s
         if validation["ndcg@10"] > state["best"]["validation"]["ndcg@10"]:
-            test = evaluate_split(model, shards[ex.TEST], config.eval_batch_size, rank, world_size, device, sampler)
+            test = evaluate(model, shards[ex.TEST])
             state["elapsed_s"] += time.monotonic() - started - epoch_time_s
             state["best"] = {"epoch": epoch, "validation": validation, "test": test, "elapsed_s": state["elapsed_s"]}
             best_model_state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
@@ -491,6 +503,7 @@ def _metrics_report(state: dict, examples: ex.Examples, config: TrainingConfig, 
         "users_not_evaluated": {ex.VALIDATION: examples.num_users_not_validated, ex.TEST: examples.num_short_users},
         "users_too_short": examples.num_short_users,
         "sampled_metrics": dataclasses.asdict(config.sampled_metrics) if config.sampled_metrics else None,
+        "exclude_seen": config.exclude_seen,
         "history": history,
         "resumed_from_epochs": state["resumed_from_epochs"],
         "timing": {
@@ -671,6 +684,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampled-metrics", choices=("uniform", "popularity"), default=None, help="also report metrics against sampled negatives from this sampler")
     parser.add_argument("--sampled-negatives", type=int, default=100, help="negatives per user for sampled metrics")
     parser.add_argument("--sampled-seed", type=int, default=0, help="seed of the sampled-metric negatives")
+    parser.add_argument(
+        "--exclude-seen",
+        action="store_true",
+        help="leave each user's input items out of that user's evaluation ranking",
+    )
     parser.add_argument("--seed", type=int, default=TrainingConfig.seed, help="random seed")
     return parser
 
@@ -702,6 +720,7 @@ def parse_run(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict, 
             log_interval_s=args.log_interval_s,
             max_failures=args.max_failures,
             sampled_metrics=sampled,
+            exclude_seen=args.exclude_seen,
             window_stride=args.window_stride,
         )
         split = ex.SplitConfig(
