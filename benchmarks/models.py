@@ -86,17 +86,22 @@ RECIPES: dict[str, Recipe] = {
         model={"max_length": 50, "hidden_size": 64, "num_layers": 2, "num_heads": 2, "dropout": 0.5},
         training={"epochs": 60, "batch_size": 128, "learning_rate": 3e-3, "patience": 4, "loss": "full"},
     ),
-    # The BERT4Rec file has 54,542 items, above the full-softmax limit, so it trains with the sampled
-    # softmax that a catalogue of that size gets by default: 4,096 uniform negatives per batch.
+    # The BERT4Rec file has 54,542 items, above the full-softmax limit, so it trains with sampled
+    # softmax. With 16,384 uniform negatives per batch, an epoch takes about half as long as with
+    # the full softmax here, and validation NDCG@10 beat 4,096 negatives in every epoch of both runs.
+    # Dropout 0.1 and learning rate 1e-3 are the settings of the published figure behind its target.
+    # That figure also leaves each user's own items out of the ranking, and so does this recipe. No
+    # user of this file has an item twice, so no target is left out.
     "beauty-bert4rec": Recipe(
-        model={"max_length": 50, "hidden_size": 64, "num_layers": 2, "num_heads": 2, "dropout": 0.5},
+        model={"max_length": 50, "hidden_size": 64, "num_layers": 2, "num_heads": 2, "dropout": 0.1},
         training={
             "epochs": 60,
             "batch_size": 128,
-            "learning_rate": 3e-3,
+            "learning_rate": 1e-3,
             "patience": 4,
             "loss": "sampled",
-            "num_negatives": 4096,
+            "num_negatives": 16384,
+            "exclude_seen": True,
         },
     ),
     # Taobao is the only data set with behaviour types, so the behaviour switch is measured on it.
