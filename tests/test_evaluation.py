@@ -173,6 +173,10 @@ def test_exclude_seen_drops_input_items():
     assert plain["mrr@10"] == pytest.approx(1 / 3 + 1)
     assert excluded["mrr@10"] == pytest.approx(1 + 0)
     assert excluded["hr@20"] == 1.0
+    # The seen target is a miss against sampled negatives too.
+    sampler = NegativeSampler(SampledMetricsConfig("uniform", num_negatives=5), np.ones(10))
+    sampled = evaluate_batch(ranker, batch, targets, np.array([1, 2]), sampler, exclude_seen=True)
+    assert sampled["sampled_hr@20"] == 1.0
 
 
 def test_timestamps_round_down_to_seconds_as_features_do():
