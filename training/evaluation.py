@@ -136,7 +136,7 @@ def means(sums: dict[str, float]) -> dict[str, float]:
 def sampled_metric_sums(
     scores: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor, missed: torch.Tensor | None = None
 ) -> dict[str, float]:
-    """Metric sums of each target ranked against its negatives (B, S) alone, under ``sampled_`` names.
+    """Rank each target against its negatives (B, S) alone and return the sums under ``sampled_`` names.
 
     Targets flagged in ``missed`` (B,) count as misses.
     """
@@ -165,18 +165,18 @@ def evaluate_batch(
     target among them gets an infinite rank.
     """
     scores = ranker.score_all(ranker.encode(batch))
-    seen_targets = None
+    missed = None
     if exclude_seen:
         scores = scores.scatter(1, batch.item_ids, float("-inf"))
-        seen_targets = (batch.item_ids == targets.unsqueeze(1)).any(dim=1)
+        missed = (batch.item_ids == targets.unsqueeze(1)).any(dim=1)
     ranks = target_ranks(scores, targets)
-    if seen_targets is not None:
-        ranks = ranks.masked_fill(seen_targets, float("inf"))
+    if missed is not None:
+        ranks = ranks.masked_fill(missed, float("inf"))
     sums = metric_sums(ranks)
     if sampler is not None:
         if user_ids is None:
             raise ValueError("sampled metrics need the user ids of the batch")
         negatives = torch.from_numpy(sampler.sample(user_ids, targets.cpu().numpy())).to(scores.device)
-        sums |= sampled_metric_sums(scores, targets, negatives, seen_targets)
+        sums |= sampled_metric_sums(scores, targets, negatives, missed)
     return sums
 
