@@ -51,6 +51,15 @@ def test_causal_mask_hides_later_positions():
     assert not torch.allclose(before[0, 4:], after[0, 4:], atol=1e-3)
 
 
+def test_training_position_sees_its_prefix_as_serving_does():
+    model = small_model(dropout=0.0)
+    with torch.no_grad():
+        in_window = model(batch_of([[1, 2, 3, 4, 5, 6, 7, 8]]))[0, 2]
+        served = model.encode(batch_of([[1, 2, 3]]))[0]
+    # The state that predicts item 4 in training is the state served after items 1-3.
+    assert torch.allclose(in_window, served, atol=1e-5)
+
+
 def test_padding_amount_does_not_change_scores():
     model = small_model()
     with torch.no_grad():
