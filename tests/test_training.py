@@ -9,7 +9,7 @@ import pytest
 from training.artifacts import TRENDING_FILE
 from training.events import ingest_taobao_csv
 from training.generator import GeneratorConfig, generate_events, write_taobao_csv
-from training.train import FAIL_WORKER_ENV, TrainingConfig, train
+from training.train import FAIL_WORKER_ENV, TrainingConfig, parse_run, train
 
 FAILED_EPOCH = 3
 EPOCHS = 4
@@ -91,3 +91,10 @@ def test_metrics_report_best_epoch_and_baselines(recovered_run):
     assert metrics["timing"]["time_to_best_s"] <= metrics["timing"]["training_time_s"]
     assert metrics["sampled_metrics"] is None
     assert not any(name.startswith("sampled_") for name in metrics["sasrec"]["test"])
+
+
+def test_shuffle_buffer_is_parsed_and_validated():
+    _, _, config, _ = parse_run(["--events", "e", "--model-dir", "m", "--shuffle-buffer-rows", "700"])
+    assert config.shuffle_buffer_rows == 700
+    with pytest.raises(ValueError, match="shuffle_buffer_rows must be at least 1, got 0"):
+        TrainingConfig(shuffle_buffer_rows=0)

@@ -89,12 +89,16 @@ class TrainingConfig:
     """Also report sampled-negative metrics, with this named sampler and seed."""
     exclude_seen: bool = False
     """Exclusion of each user's input items from that user's evaluation ranking (see training.evaluation)."""
+    shuffle_buffer_rows: int = 50_000
+    """Each worker draws its training batches at random from at least this many buffered rows, in a
+    new order every epoch. Examples arrive sorted by user, so a buffer smaller than the worker's share
+    of them draws each batch from a narrower range of users."""
     window_stride: int | None = None
     """Step between training windows of a long sequence; None means the sequence length. A smaller
     step gives every target more earlier events to attend to, and costs more windows per epoch."""
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "patience", "eval_batch_size", "num_workers"):
+        for name in ("epochs", "batch_size", "patience", "eval_batch_size", "num_workers", "shuffle_buffer_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
@@ -239,7 +243,7 @@ def _train_epoch(model, ddp_model, optimizer, shard, config: TrainingConfig, epo
     batches = shard.iter_batches(
         batch_size=config.batch_size,
         batch_format="pyarrow",
-        local_shuffle_buffer_size=4 * config.batch_size,
+        local_shuffle_buffer_size=max(config.shuffle_buffer_rows, config.batch_size),
         local_shuffle_seed=config.seed + epoch * world_size + rank,
     )
     for batch in batches:
@@ -645,6 +649,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--window-stride", type=int, default=None, help="step between training windows; default: the sequence length"
     )
+    parser.add_argument(
+        "--shuffle-buffer-rows",
+        type=int,
+        default=TrainingConfig.shuffle_buffer_rows,
+        help="training rows each worker shuffles its batches from, every epoch",
+    )
     parser.add_argument("--learning-rate", type=float, default=TrainingConfig.learning_rate, help="AdamW step size")
     parser.add_argument("--weight-decay", type=float, default=TrainingConfig.weight_decay, help="AdamW weight decay")
     parser.add_argument("--patience", type=int, default=TrainingConfig.patience, help="epochs without improvement")
@@ -722,6 +732,7 @@ def parse_run(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict, 
             sampled_metrics=sampled,
             exclude_seen=args.exclude_seen,
             window_stride=args.window_stride,
+            shuffle_buffer_rows=args.shuffle_buffer_rows,
         )
         split = ex.SplitConfig(
             kind=args.split,
