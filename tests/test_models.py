@@ -51,7 +51,7 @@ def test_causal_mask_hides_later_positions():
     assert not torch.allclose(before[0, 4:], after[0, 4:], atol=1e-3)
 
 
-def test_training_position_sees_its_prefix_as_serving_does():
+def test_training_prefix_matches_served_state():
     model = small_model(dropout=0.0)
     with torch.no_grad():
         in_window = model(batch_of([[1, 2, 3, 4, 5, 6, 7, 8]]))[0, 2]

@@ -653,7 +653,7 @@ def _parser() -> argparse.ArgumentParser:
         "--shuffle-buffer-rows",
         type=int,
         default=TrainingConfig.shuffle_buffer_rows,
-        help="training rows each worker shuffles its batches from, every epoch",
+        help="rows each worker buffers to draw random training batches from, each epoch",
     )
     parser.add_argument("--learning-rate", type=float, default=TrainingConfig.learning_rate, help="AdamW step size")
     parser.add_argument("--weight-decay", type=float, default=TrainingConfig.weight_decay, help="AdamW weight decay")

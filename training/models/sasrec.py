@@ -99,8 +99,8 @@ class SASRec(SequenceRanker):
         )
         self.encoder = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
         self.output_norm = nn.LayerNorm(d)
-        # Position vectors start small too: drawn from N(0, 1) they are about six times the scaled
-        # item vectors and hide the items from attention for the first epochs.
+        # Position vectors start small, like the item vectors. Drawn from N(0, 1), they would be about
+        # six times the scaled item vectors and drown them out in the first epochs.
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
         with torch.no_grad():
@@ -114,8 +114,8 @@ class SASRec(SequenceRanker):
             raise ValueError(f"sequence length {length} exceeds max_length {self.config.max_length}")
         is_item = item_ids != PADDING_ID  # (B, L)
 
-        # Positions count from the first event of the row, so a prefix gets the same positions at
-        # every training target as when it is served alone, and the amount of padding never shifts them.
+        # Positions count from the row's first event. A prefix then gets the same positions in a
+        # training row as when it is served alone, and padding does not shift them.
         positions = (is_item.cumsum(dim=1) - 1).clamp(min=0)  # (B, L)
         x = self.item_embedding(item_ids) * self.config.hidden_size**0.5 + self.position_embedding(positions)
         if self.category_embedding is not None:
