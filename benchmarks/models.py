@@ -104,7 +104,7 @@ RECIPES: dict[str, Recipe] = {
         },
     ),
     # Taobao is the only data set with behaviour types, so the behaviour switch is measured on it.
-    # Its head has 55,368 items, and it trains with sampled softmax.
+    # Its head has 55,344 items, and it trains with sampled softmax.
     "taobao-head": Recipe(
         model={"max_length": 50, "hidden_size": 64, "num_layers": 2, "num_heads": 2, "dropout": 0.5},
         training={

@@ -90,7 +90,7 @@ class TrainingConfig:
     exclude_seen: bool = False
     """Exclusion of each user's input items from that user's evaluation ranking (see training.evaluation)."""
     shuffle_buffer_rows: int = 50_000
-    """Each worker draws its training batches at random from at least this many buffered rows, in a
+    """Minimum number of rows each worker buffers and draws its training batches from at random, in a
     new order every epoch. Examples arrive sorted by user, so a buffer smaller than the worker's share
     of them draws each batch from a narrower range of users."""
     window_stride: int | None = None
