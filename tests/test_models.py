@@ -94,6 +94,18 @@ def test_sasrec_config_rejects_bad_heads():
         SASRecConfig(num_items=10, num_categories=2, hidden_size=10, num_heads=3)
 
 
+def test_feedforward_width_and_activation_reach_the_blocks():
+    model = small_model(feedforward_size=24, activation="relu")
+    block = model.encoder.layers[0]
+    assert block.linear1.out_features == 24 and block.linear2.in_features == 24
+    assert block.activation is torch.nn.functional.relu
+    assert small_model().encoder.layers[0].linear1.out_features == 4 * 16
+    with pytest.raises(ValueError, match="activation"):
+        SASRecConfig(num_items=10, num_categories=2, activation="tanh")
+    with pytest.raises(ValueError, match="feedforward_size"):
+        SASRecConfig(num_items=10, num_categories=2, feedforward_size=0)
+
+
 def test_popularity_ranks_by_count_and_skips_padding():
     ranker = PopularityRanker(np.array([0, 5, 9, 1, 9]))
     assert ranker.top_items(3).tolist() == [2, 4, 1]

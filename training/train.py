@@ -46,6 +46,7 @@ from training.evaluation import evaluate_batch, means
 from training.models import ItemCFConfig, ItemCFRanker, PopularityRanker, SASRec, SASRecConfig, SequenceBatch
 from training.models import SequenceRanker
 from training.models.itemcf import count_cooccurrences, top_similarities
+from training.models.sasrec import ACTIVATIONS
 from training.run_report import training_curve_png
 from training.schema import PADDING_ID, SEQUENCE_LENGTH, USER_ID
 from training.trending import TrendingConfig, trending_items
@@ -676,6 +677,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--hidden-size", type=int, default=SASRecConfig.hidden_size, help="model width D")
     parser.add_argument("--num-layers", type=int, default=SASRecConfig.num_layers, help="transformer layers")
     parser.add_argument("--num-heads", type=int, default=SASRecConfig.num_heads, help="attention heads")
+    parser.add_argument("--feedforward-size", type=int, default=SASRecConfig.feedforward_size, help="feed-forward inner width (default 4 * hidden size)")
+    parser.add_argument("--activation", choices=ACTIVATIONS, default=SASRecConfig.activation, help="feed-forward activation")
     parser.add_argument("--dropout", type=float, default=SASRecConfig.dropout, help="dropout rate")
     parser.add_argument("--max-length", type=int, default=SEQUENCE_LENGTH, help="events per input sequence")
     parser.add_argument("--category", action=argparse.BooleanOptionalAction, default=SASRecConfig.use_category, help="category embedding")
@@ -747,6 +750,8 @@ def parse_run(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict, 
         "hidden_size": args.hidden_size,
         "num_layers": args.num_layers,
         "num_heads": args.num_heads,
+        "feedforward_size": args.feedforward_size,
+        "activation": args.activation,
         "dropout": args.dropout,
         "max_length": args.max_length,
         "use_category": args.category,

@@ -18,6 +18,7 @@ from training.schema import BEHAVIORS, PADDING_ID
 # 2 + floor(log2(g + 1)), capped at the last bucket.
 FIRST_EVENT_GAP_BUCKET = 1
 DEFAULT_TIME_GAP_BUCKETS = 32
+ACTIVATIONS = ("gelu", "relu")
 
 
 def time_gap_buckets(item_ids: torch.Tensor, timestamps_s: torch.Tensor | None, num_buckets: int) -> torch.Tensor:
@@ -45,6 +46,10 @@ class SASRecConfig:
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 2
+    feedforward_size: int | None = None
+    """Inner width of each block's feed-forward layer; None means 4 * hidden_size."""
+    activation: str = "gelu"
+    """Feed-forward activation: "gelu" or "relu"."""
     dropout: float = 0.2
     use_category: bool = True
     use_behavior: bool = True
@@ -60,6 +65,10 @@ class SASRecConfig:
         for name in ("max_length", "hidden_size", "num_layers", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.feedforward_size is not None and self.feedforward_size < 1:
+            raise ValueError(f"feedforward_size must be at least 1 or None (4 * hidden_size), got {self.feedforward_size}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.num_time_gap_buckets < 3:
             raise ValueError(f"num_time_gap_buckets must be at least 3, got {self.num_time_gap_buckets}")
         if self.hidden_size % self.num_heads:
@@ -91,9 +100,9 @@ class SASRec(SequenceRanker):
         layer = nn.TransformerEncoderLayer(
             d_model=d,
             nhead=config.num_heads,
-            dim_feedforward=4 * d,
+            dim_feedforward=config.feedforward_size or 4 * d,
             dropout=config.dropout,
-            activation="gelu",
+            activation=config.activation,
             batch_first=True,
             norm_first=True,
         )
