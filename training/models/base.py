@@ -16,7 +16,7 @@ class SequenceBatch:
 
     Padding is index 0 in every tensor, at the front of each row, so the most recent event is
     always in the last position. Rows padded on the right, or with padding between events, are
-    rejected: the model counts positions back from the last column. ``timestamps_s`` contains each
+    rejected: models read a user's state from the last column. ``timestamps_s`` contains each
     event's Unix time in seconds (0 at padding). Callers without timestamps leave it None, and
     models that read time gaps then see every gap as unknown.
     """
