@@ -309,3 +309,28 @@ def test_itemcf_score_matches_score_all():
     assert torch.allclose(picked[0, [0, 2]], full[0, [3, 5]])
     assert torch.isneginf(picked[0, 1])
     assert torch.allclose(picked[1], full[1, [1, 2, 4]])
+
+
+def test_itemcf_scores_equal_the_dense_similarity_product():
+    from training.models import ItemCFConfig, ItemCFRanker
+
+    rng = np.random.default_rng(3)
+    num_items = 40
+    pairs = np.unique(rng.integers(1, num_items, size=(300, 2)), axis=0)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    similarities = rng.random(len(pairs)).astype(np.float32)
+    shuffled = rng.permutation(len(pairs))  # the ranker must not rely on sorted pairs
+    ranker = ItemCFRanker(
+        num_items, pairs[shuffled, 0], pairs[shuffled, 1], similarities[shuffled], ItemCFConfig(recent_items=4)
+    )
+    dense = torch.zeros(num_items, num_items)
+    dense[pairs[:, 0], pairs[:, 1]] = torch.from_numpy(similarities)
+
+    rows = [rng.integers(1, num_items, size=n).tolist() for n in (1, 3, 6, 6)]
+    rows[3][1] = rows[3][4]  # an item seen twice adds its neighbours twice
+    with torch.no_grad():
+        state = ranker.encode(batch_of(rows, length=6))
+        scores = ranker.score_all(state)
+    expected = state @ dense
+    assert torch.isneginf(scores[:, 0]).all()
+    assert torch.allclose(scores[:, 1:], expected[:, 1:], atol=1e-6)

@@ -99,14 +99,14 @@ class ItemCFRanker(SequenceRanker):
             raise ValueError(f"item pairs must hold item indices in [1, {num_items - 1}]")
         self.num_items = num_items
         self.config = config or ItemCFConfig()
-        # Stored transposed, (neighbor, item), so that scores^T = S^T @ state^T is one sparse product.
-        transposed = torch.sparse_coo_tensor(
-            torch.tensor(np.stack([neighbors, items])),
-            torch.tensor(np.asarray(similarities, dtype=np.float32)),
-            (num_items, num_items),
-            check_invariants=True,
-        ).coalesce()
-        self.register_buffer("similarity_t", transposed)
+        # Neighbour lists in CSR form: item i's neighbours are neighbor_ids[offsets[i]:offsets[i + 1]].
+        order = np.argsort(items, kind="stable")
+        offsets = np.searchsorted(items[order], np.arange(num_items + 1))
+        self.register_buffer("neighbor_offsets", torch.from_numpy(offsets.astype(np.int64)))  # (N + 1,)
+        self.register_buffer("neighbor_ids", torch.from_numpy(neighbors[order]))  # (P,)
+        self.register_buffer(
+            "neighbor_similarities", torch.from_numpy(np.asarray(similarities, dtype=np.float32)[order])
+        )  # (P,)
 
     @classmethod
     def from_sequences(
@@ -130,6 +130,20 @@ class ItemCFRanker(SequenceRanker):
         return state.scatter_add_(1, recent, weights)
 
     def score_all(self, state: torch.Tensor) -> torch.Tensor:
-        scores = torch.sparse.mm(self.similarity_t, state.T).T.contiguous()  # (B, N)
+        # A state row holds at most recent_items weights, so only those items' neighbour lists are
+        # read. A product with a dense state would run through all N columns of every row.
+        rows, items = state.nonzero(as_tuple=True)  # (E,)
+        weights = state[rows, items]
+        starts = self.neighbor_offsets[items]
+        lengths = self.neighbor_offsets[items + 1] - starts
+        entry = torch.repeat_interleave(torch.arange(len(items), device=state.device), lengths)  # (M,)
+        first_of_entry = torch.cumsum(lengths, 0) - lengths
+        pair = starts[entry] + torch.arange(len(entry), device=state.device) - first_of_entry[entry]
+        scores = torch.zeros_like(state)
+        scores.index_put_(
+            (rows[entry], self.neighbor_ids[pair]),
+            weights[entry] * self.neighbor_similarities[pair],
+            accumulate=True,
+        )  # (B, N)
         scores[:, PADDING_ID] = float("-inf")
         return scores
