@@ -94,10 +94,11 @@ def test_sasrec_config_rejects_bad_heads():
         SASRecConfig(num_items=10, num_categories=2, hidden_size=10, num_heads=3)
 
 
-def test_feedforward_width_and_activation_reach_the_blocks():
+def test_feedforward_settings_reach_blocks():
     model = small_model(feedforward_size=24, activation="relu")
     block = model.encoder.layers[0]
-    assert block.linear1.out_features == 24 and block.linear2.in_features == 24
+    assert block.linear1.out_features == 24
+    assert block.linear2.in_features == 24
     assert block.activation is torch.nn.functional.relu
     assert small_model().encoder.layers[0].linear1.out_features == 4 * 16
     with pytest.raises(ValueError, match="activation"):
@@ -311,7 +312,7 @@ def test_itemcf_score_matches_score_all():
     assert torch.allclose(picked[1], full[1, [1, 2, 4]])
 
 
-def test_itemcf_scores_equal_the_dense_similarity_product():
+def test_itemcf_scores_match_dense_product():
     from training.models import ItemCFConfig, ItemCFRanker
 
     rng = np.random.default_rng(3)

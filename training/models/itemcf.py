@@ -130,7 +130,7 @@ class ItemCFRanker(SequenceRanker):
         return state.scatter_add_(1, recent, weights)
 
     def score_all(self, state: torch.Tensor) -> torch.Tensor:
-        # A state row holds at most recent_items weights, so only those items' neighbour lists are
+        # A state row contains at most recent_items weights, so only those items' neighbour lists are
         # read. A product with a dense state would run through all N columns of every row.
         rows, items = state.nonzero(as_tuple=True)  # (E,)
         weights = state[rows, items]
