@@ -93,6 +93,18 @@ def test_metrics_report_best_epoch_and_baselines(recovered_run):
     assert not any(name.startswith("sampled_") for name in metrics["sasrec"]["test"])
 
 
+def test_block_design_flags_reach_model_options():
+    _, defaults, _, _ = parse_run(["--events", "e", "--model-dir", "m"])
+    assert defaults["feedforward_size"] is None
+    assert defaults["activation"] == "gelu"
+    _, options, _, _ = parse_run(
+        ["--events", "e", "--model-dir", "m", "--feedforward-size", "64", "--activation", "relu", "--num-heads", "1"]
+    )
+    assert options["feedforward_size"] == 64
+    assert options["activation"] == "relu"
+    assert options["num_heads"] == 1
+
+
 def test_shuffle_buffer_is_parsed_and_validated():
     _, _, config, _ = parse_run(["--events", "e", "--model-dir", "m", "--shuffle-buffer-rows", "700"])
     assert config.shuffle_buffer_rows == 700
