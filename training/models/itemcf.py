@@ -137,8 +137,8 @@ class ItemCFRanker(SequenceRanker):
         starts = self.neighbor_offsets[items]
         lengths = self.neighbor_offsets[items + 1] - starts
         entry = torch.repeat_interleave(torch.arange(len(items), device=state.device), lengths)  # (M,)
-        first_of_entry = torch.cumsum(lengths, 0) - lengths
-        pair = starts[entry] + torch.arange(len(entry), device=state.device) - first_of_entry[entry]
+        entry_starts = torch.cumsum(lengths, 0) - lengths
+        pair = starts[entry] + torch.arange(len(entry), device=state.device) - entry_starts[entry]
         scores = torch.zeros_like(state)
         scores.index_put_(
             (rows[entry], self.neighbor_ids[pair]),

@@ -47,7 +47,7 @@ class SASRecConfig:
     num_layers: int = 2
     num_heads: int = 2
     feedforward_size: int | None = None
-    """Inner width of each block's feed-forward layer; None means 4 * hidden_size."""
+    """Inner width of each block's feed-forward layer. None gives 4 * hidden_size."""
     activation: str = "gelu"
     """Feed-forward activation: "gelu" or "relu"."""
     dropout: float = 0.2
@@ -66,9 +66,9 @@ class SASRecConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.feedforward_size is not None and self.feedforward_size < 1:
-            raise ValueError(f"feedforward_size must be at least 1 or None (4 * hidden_size), got {self.feedforward_size}")
+            raise ValueError(f"invalid feedforward_size {self.feedforward_size}: pass a width of at least 1, or None for 4 * hidden_size")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+            raise ValueError(f"invalid activation {self.activation!r}: pass one of {ACTIVATIONS}")
         if self.num_time_gap_buckets < 3:
             raise ValueError(f"num_time_gap_buckets must be at least 3, got {self.num_time_gap_buckets}")
         if self.hidden_size % self.num_heads:
