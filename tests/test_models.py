@@ -107,6 +107,19 @@ def test_feedforward_settings_reach_blocks():
         SASRecConfig(num_items=10, num_categories=2, feedforward_size=0)
 
 
+def test_initializer_range_draws_block_weights():
+    model = small_model(initializer_range=0.05)
+    linears = [module for module in model.encoder.modules() if isinstance(module, torch.nn.Linear)]
+    assert len(linears) == 3 * model.config.num_layers  # attention output and two feed-forward layers
+    weights = torch.cat([module.weight.flatten() for module in linears])
+    assert abs(weights.std().item() - 0.05) < 0.005
+    assert all(not module.bias.any() for module in linears)
+    # PyTorch's own draw for a width-16 feed-forward layer is uniform with a standard deviation near 0.14.
+    assert small_model().encoder.layers[0].linear1.weight.std().item() > 0.1
+    with pytest.raises(ValueError, match="initializer_range"):
+        SASRecConfig(num_items=10, num_categories=2, initializer_range=0.0)
+
+
 def test_popularity_ranks_by_count_and_skips_padding():
     ranker = PopularityRanker(np.array([0, 5, 9, 1, 9]))
     assert ranker.top_items(3).tolist() == [2, 4, 1]

@@ -97,12 +97,13 @@ def test_block_design_flags_reach_model_options():
     _, defaults, _, _ = parse_run(["--events", "e", "--model-dir", "m"])
     assert defaults["feedforward_size"] is None
     assert defaults["activation"] == "gelu"
-    _, options, _, _ = parse_run(
-        ["--events", "e", "--model-dir", "m", "--feedforward-size", "64", "--activation", "relu", "--num-heads", "1"]
-    )
+    assert defaults["initializer_range"] is None
+    flags = ["--feedforward-size", "64", "--activation", "relu", "--num-heads", "1", "--initializer-range", "0.02"]
+    _, options, _, _ = parse_run(["--events", "e", "--model-dir", "m", *flags])
     assert options["feedforward_size"] == 64
     assert options["activation"] == "relu"
     assert options["num_heads"] == 1
+    assert options["initializer_range"] == 0.02
 
 
 def test_shuffle_buffer_is_parsed_and_validated():

@@ -680,6 +680,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--feedforward-size", type=int, default=SASRecConfig.feedforward_size, help="feed-forward inner width (default 4 * hidden size)")
     parser.add_argument("--activation", choices=ACTIVATIONS, default=SASRecConfig.activation, help="feed-forward activation")
     parser.add_argument("--dropout", type=float, default=SASRecConfig.dropout, help="dropout rate")
+    parser.add_argument(
+        "--initializer-range",
+        type=float,
+        default=SASRecConfig.initializer_range,
+        help="draw the blocks' linear weights from N(0, this standard deviation); default: PyTorch's start values",
+    )
     parser.add_argument("--max-length", type=int, default=SEQUENCE_LENGTH, help="events per input sequence")
     parser.add_argument("--category", action=argparse.BooleanOptionalAction, default=SASRecConfig.use_category, help="category embedding")
     parser.add_argument("--behavior", action=argparse.BooleanOptionalAction, default=SASRecConfig.use_behavior, help="behaviour-type embedding")
@@ -753,6 +759,7 @@ def parse_run(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict, 
         "feedforward_size": args.feedforward_size,
         "activation": args.activation,
         "dropout": args.dropout,
+        "initializer_range": args.initializer_range,
         "max_length": args.max_length,
         "use_category": args.category,
         "use_behavior": args.behavior,

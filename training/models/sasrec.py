@@ -51,6 +51,9 @@ class SASRecConfig:
     activation: str = "gelu"
     """Feed-forward activation: "gelu" or "relu"."""
     dropout: float = 0.2
+    initializer_range: float | None = None
+    """Standard deviation of the normal draw for the blocks' linear weights, whose biases then start at
+    0. None keeps PyTorch's own start values."""
     use_category: bool = True
     use_behavior: bool = True
     use_time_gap: bool = False
@@ -73,6 +76,10 @@ class SASRecConfig:
             raise ValueError(f"num_time_gap_buckets must be at least 3, got {self.num_time_gap_buckets}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        if self.initializer_range is not None and not self.initializer_range > 0:
+            raise ValueError(
+                f"invalid initializer_range {self.initializer_range}: pass a positive standard deviation such as 0.02, or None"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -108,6 +115,11 @@ class SASRec(SequenceRanker):
         )
         self.encoder = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
         self.output_norm = nn.LayerNorm(d)
+        if config.initializer_range is not None:
+            for module in self.encoder.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=config.initializer_range)
+                    nn.init.zeros_(module.bias)
         # Position vectors start small, like the item vectors. Drawn from N(0, 1), they would be about
         # six times the scaled item vectors, which slowed the first epochs in the benchmarks.
         nn.init.normal_(self.item_embedding.weight, std=0.02)
