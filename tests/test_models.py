@@ -237,6 +237,15 @@ def test_side_padding_embeddings_are_zero_and_get_no_gradient():
         assert torch.count_nonzero(embedding.weight.grad[0]) == 0
 
 
+def test_input_embeddings_start_small():
+    model = SASRec(SASRecConfig(num_items=30, num_categories=6, max_length=8, hidden_size=16, use_time_gap=True))
+    tables = model.input_embeddings()
+    assert len(tables) == 5
+    for table in tables:
+        # N(0, 0.02) draws; PyTorch's own N(0, 1) would give a standard deviation near 1.
+        assert table.weight.std().item() < 0.05
+
+
 def test_time_gap_buckets_for_known_gaps():
     from training.models.sasrec import time_gap_buckets
 
