@@ -414,6 +414,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--loss", choices=("full", "sampled"), help="softmax of every seqrec run, in place of each recipe's own"
     )
+    parser.add_argument(
+        "--initializer-range",
+        type=float,
+        help="standard deviation of the blocks' linear weights in every seqrec run, in place of each recipe's own",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed of every seqrec run")
     parser.add_argument("--output", default=str(RESULTS_PATH), help="JSON file of the results")
     args = parser.parse_args(argv)
@@ -429,6 +434,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.loss is not None:
         for name, recipe in RECIPES.items():
             RECIPES[name] = dataclasses.replace(recipe, training={**recipe.training, "loss": args.loss})
+
+    if args.initializer_range is not None:
+        for name, recipe in RECIPES.items():
+            RECIPES[name] = dataclasses.replace(recipe, model={**recipe.model, "initializer_range": args.initializer_range})
 
     output = Path(args.output)
     commit = _git_commit()
