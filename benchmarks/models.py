@@ -98,7 +98,14 @@ RECIPES: dict[str, Recipe] = {
     # items out of the ranking, and so does this recipe. No user of this file has an item twice, so no
     # target is left out.
     "beauty-bert4rec": Recipe(
-        model={"max_length": 50, "hidden_size": 64, "num_layers": 2, **ORIGINAL_SASREC_BLOCKS, "dropout": 0.1},
+        model={
+            "max_length": 50,
+            "hidden_size": 64,
+            "num_layers": 2,
+            **ORIGINAL_SASREC_BLOCKS,
+            "dropout": 0.1,
+            "initializer_range": 0.02,
+        },
         training={
             "epochs": 60,
             "batch_size": 64,
