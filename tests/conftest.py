@@ -14,6 +14,10 @@ import pytest
 
 # Keep the test Ray instances on the loopback interface.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Every Ray client in the tests, and in the commands they run (`feast apply`, the entry points),
+# starts its own instance: it neither joins a cluster that runs on this machine nor follows the
+# address file that a killed cluster leaves behind. The cluster tests name their address.
+os.environ["RAY_ADDRESS"] = "local"
 
 # Folder of the public data sets (Taobao UserBehavior sample, Amazon Beauty, MovieLens-100K).
 DATA_DIR_ENV = "SEQREC_DATA_DIR"
