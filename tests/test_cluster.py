@@ -1,9 +1,11 @@
-"""The cluster path: a private `ray start --head` cluster runs the training entry point via `ray job submit`."""
+"""The cluster path: how entry points pick the cluster to join, and a private `ray start --head`
+cluster that runs the training entry point via `ray job submit`."""
 
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +17,7 @@ import pytest
 
 from conftest import _free_port
 from helpers import PROJECT_ROOT
+from training.cluster import cluster_address
 from training.events import ingest_taobao_csv
 from training.generator import GeneratorConfig, generate_events, write_taobao_csv
 
@@ -130,3 +133,24 @@ def test_submitted_training_job_writes_artifact(ray_cluster, tmp_path):
     assert metrics["users_evaluated"] == 100
     config = json.loads((location / "config.json").read_text())
     assert config["model"]["use_time_gap"] is True
+
+
+def test_live_address_file_is_joined(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster_address(tmp_path / "absent") is None
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        address_file = tmp_path / "ray_current_cluster"
+        address_file.write_text(f"127.0.0.1:{server.getsockname()[1]}")
+        assert cluster_address(address_file) == "auto"
+
+
+def test_stale_address_file_is_skipped(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    address_file = tmp_path / "ray_current_cluster"
+    address_file.write_text(f"127.0.0.1:{_free_port()}\n")
+    assert cluster_address(address_file) == "local"
+    assert str(address_file) in caplog.text
+    assert "ray stop" in caplog.text
+    # RAY_ADDRESS takes precedence over the file, and Ray reads it itself.
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    assert cluster_address(address_file) is None

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 from pathlib import Path
 
 import ray
 
-# Written by `ray start` on the head node; removed by `ray stop`.
-_CURRENT_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")
+logger = logging.getLogger(__name__)
+
+# Written by `ray start` on the head node; removed by `ray stop`. A head node that ends any other
+# way (killed, machine restarted) leaves it behind.
+CURRENT_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")
+# How long a recorded cluster address may take to accept a connection before it counts as gone.
+_PROBE_TIMEOUT_S = 2.0
 
 
 def connect_ray() -> None:
@@ -18,6 +25,40 @@ def connect_ray() -> None:
     progress bars are turned off, because job logs keep every redraw.
     """
     if not ray.is_initialized():
-        cluster_running = bool(os.environ.get("RAY_ADDRESS")) or _CURRENT_CLUSTER_FILE.exists()
-        ray.init(address="auto" if cluster_running else None)
+        ray.init(address=cluster_address())
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def cluster_address(address_file: Path = CURRENT_CLUSTER_FILE) -> str | None:
+    """The ``address`` for ``ray.init``: None lets Ray decide, "local" starts a new instance.
+
+    RAY_ADDRESS, where set, is left to Ray. Otherwise Ray joins the cluster that ``address_file``
+    records, and fails when that cluster is gone. So a recorded address that accepts no connection
+    is skipped with a warning, and a local instance starts.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    try:
+        recorded = address_file.read_text().strip()
+    except FileNotFoundError:
+        return None
+    if _accepts_connections(recorded):
+        return "auto"
+    logger.warning(
+        "%s records the Ray cluster %r, which accepts no connection; starting a local Ray instance. "
+        "`ray stop` removes the stale file; RAY_ADDRESS names a cluster to join instead.",
+        address_file,
+        recorded,
+    )
+    return "local"
+
+
+def _accepts_connections(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return False
+    try:
+        with socket.create_connection((host, int(port)), timeout=_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False

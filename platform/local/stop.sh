@@ -8,4 +8,11 @@ if ray status --address "$RAY_GCS_ADDRESS" >/dev/null 2>&1; then
   echo "Stopped the seqrec service and the local Ray cluster."
 else
   echo "No local Ray cluster is running."
+  # A cluster that was killed rather than stopped leaves its address behind, and Ray clients on
+  # this machine (feast apply, the entry points) would try to join it.
+  address_file=/tmp/ray/ray_current_cluster
+  if [[ "$(cat "$address_file" 2>/dev/null)" == "$RAY_GCS_ADDRESS" ]]; then
+    rm -f "$address_file"
+    echo "Removed $address_file, which still named $RAY_GCS_ADDRESS."
+  fi
 fi
