@@ -400,6 +400,12 @@ def _stored_recbole(output: Path, name: str) -> dict | None:
     return stored
 
 
+def _override_recipes(section: str, key: str, value) -> None:
+    """Set ``key`` of the ``section`` settings ("model" or "training") in every recipe to ``value``."""
+    for name, recipe in RECIPES.items():
+        RECIPES[name] = dataclasses.replace(recipe, **{section: {**getattr(recipe, section), key: value}})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--datasets", nargs="+", choices=sorted(RECIPES), default=sorted(RECIPES), help="data sets to run")
@@ -418,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--category-rule", choices=CATEGORY_RULES, default="combination", help="item attributes to category")
     parser.add_argument("--max-epochs", type=int, help="cap on the epochs of every run, RecBole's included")
+    parser.add_argument("--batch-size", type=int, help="sequences per training step of every seqrec run, in place of each recipe's own")
     parser.add_argument(
         "--loss", choices=("full", "sampled"), help="softmax of every seqrec run, in place of each recipe's own"
     )
@@ -435,16 +442,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_epochs is not None:
         if args.max_epochs < 1:
             raise ValueError(f"--max-epochs must be at least 1, got {args.max_epochs}")
-        for name, recipe in RECIPES.items():
-            RECIPES[name] = dataclasses.replace(recipe, training={**recipe.training, "epochs": args.max_epochs})
+        _override_recipes("training", "epochs", args.max_epochs)
         RECBOLE_SETTINGS["epochs"] = args.max_epochs
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+        _override_recipes("training", "batch_size", args.batch_size)
     if args.loss is not None:
-        for name, recipe in RECIPES.items():
-            RECIPES[name] = dataclasses.replace(recipe, training={**recipe.training, "loss": args.loss})
-
+        _override_recipes("training", "loss", args.loss)
     if args.initializer_range is not None:
-        for name, recipe in RECIPES.items():
-            RECIPES[name] = dataclasses.replace(recipe, model={**recipe.model, "initializer_range": args.initializer_range})
+        _override_recipes("model", "initializer_range", args.initializer_range)
 
     output = Path(args.output)
     commit = _git_commit()
