@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--category-rule", choices=CATEGORY_RULES, default="combination", help="item attributes to category")
     parser.add_argument("--max-epochs", type=int, help="cap on the epochs of every run, RecBole's included")
-    parser.add_argument("--batch-size", type=int, help="sequences per training step of every seqrec run, in place of each recipe's own")
+    parser.add_argument("--batch-size", type=int, help="sequences per worker in each training step of every seqrec run, in place of each recipe's own")
     parser.add_argument(
         "--loss", choices=("full", "sampled"), help="softmax of every seqrec run, in place of each recipe's own"
     )

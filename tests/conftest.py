@@ -15,8 +15,8 @@ import pytest
 # Keep the test Ray instances on the loopback interface.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Every Ray client in the tests, and in the commands they run (`feast apply`, the entry points),
-# starts its own instance: it neither joins a cluster that runs on this machine nor follows the
-# address file that a killed cluster leaves behind. The cluster tests name their address.
+# starts its own instance. It joins no cluster that runs on this machine and ignores the address
+# file that a killed cluster leaves behind. The cluster tests pass their address explicitly.
 os.environ["RAY_ADDRESS"] = "local"
 
 # Folder of the public data sets (Taobao UserBehavior sample, Amazon Beauty, MovieLens-100K).

@@ -11,8 +11,8 @@ import ray
 
 logger = logging.getLogger(__name__)
 
-# Written by `ray start` on the head node; removed by `ray stop`. A head node that ends any other
-# way (killed, machine restarted) leaves it behind.
+# Written by `ray start` on the head node and removed by `ray stop`. A head node that ends any
+# other way (killed, machine restarted) leaves it behind.
 CURRENT_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")
 # How long a recorded cluster address may take to accept a connection before it counts as gone.
 _PROBE_TIMEOUT_S = 2.0
@@ -30,7 +30,7 @@ def connect_ray() -> None:
 
 
 def cluster_address(address_file: Path = CURRENT_CLUSTER_FILE) -> str | None:
-    """The ``address`` for ``ray.init``: None lets Ray decide, "local" starts a new instance.
+    """Return the ``address`` for ``ray.init``: None lets Ray decide, "local" starts a new instance.
 
     RAY_ADDRESS, where set, is left to Ray. Otherwise Ray joins the cluster that ``address_file``
     records, and fails when that cluster is gone. So a recorded address that accepts no connection
@@ -45,8 +45,8 @@ def cluster_address(address_file: Path = CURRENT_CLUSTER_FILE) -> str | None:
     if _accepts_connections(recorded):
         return "auto"
     logger.warning(
-        "%s records the Ray cluster %r, which accepts no connection; starting a local Ray instance. "
-        "`ray stop` removes the stale file; RAY_ADDRESS names a cluster to join instead.",
+        "%s records the Ray cluster %r, which accepts no connection, so a local Ray instance starts. "
+        "`ray stop` removes the stale file, or set RAY_ADDRESS to the cluster to join.",
         address_file,
         recorded,
     )
