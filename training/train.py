@@ -459,7 +459,8 @@ def build_itemcf(
 def resolve_use_gpu(setting: str, num_workers: int) -> bool:
     """Decide whether the workers train on GPUs.
 
-    NOTE: only the CPU path runs in the tests; the GPU path (NCCL, CUDA tensors) has not been run.
+    NOTE: the tests check this choice against faked cluster resources. Training itself has run only
+    on CPUs, so the GPU path (NCCL, CUDA tensors) is untested.
     """
     gpus = ray.cluster_resources().get("GPU", 0.0)
     if setting == "yes" and gpus < num_workers:
