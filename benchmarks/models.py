@@ -433,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         help="standard deviation of the blocks' linear weights in every seqrec run, in place of each recipe's own",
     )
+    parser.add_argument("--dropout", type=float, help="dropout of every seqrec run, in place of each recipe's own")
     parser.add_argument("--seed", type=int, default=0, help="random seed of every seqrec run")
     parser.add_argument("--output", default=str(RESULTS_PATH), help="JSON file of the results")
     args = parser.parse_args(argv)
@@ -452,6 +453,10 @@ def main(argv: list[str] | None = None) -> None:
         _override_recipes("training", "loss", args.loss)
     if args.initializer_range is not None:
         _override_recipes("model", "initializer_range", args.initializer_range)
+    if args.dropout is not None:
+        if not 0.0 <= args.dropout < 1.0:
+            raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+        _override_recipes("model", "dropout", args.dropout)
 
     output = Path(args.output)
     commit = _git_commit()
