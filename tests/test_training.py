@@ -9,7 +9,6 @@ import pytest
 from training.artifacts import TRENDING_FILE
 from training.events import ingest_taobao_csv
 from training.generator import GeneratorConfig, generate_events, write_taobao_csv
-import training.train
 from training.train import FAIL_WORKER_ENV, TrainingConfig, parse_run, resolve_use_gpu, train
 
 FAILED_EPOCH = 3
@@ -119,11 +118,11 @@ def test_shuffle_buffer_is_parsed_and_validated():
     [("auto", 0.0, False), ("auto", 1.0, False), ("auto", 2.0, True), ("yes", 2.0, True), ("no", 2.0, False)],
 )
 def test_gpu_choice_follows_cluster(monkeypatch, setting, gpus, expected):
-    monkeypatch.setattr(training.train.ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": gpus})
+    monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 2.0, "GPU": gpus})
     assert resolve_use_gpu(setting, num_workers=2) is expected
 
 
 def test_missing_gpus_rejected_with_fix(monkeypatch):
-    monkeypatch.setattr(training.train.ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
+    monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
     with pytest.raises(ValueError, match=r"--use-gpu yes needs 2 GPUs but the Ray cluster has 1; pass --use-gpu auto"):
         resolve_use_gpu("yes", num_workers=2)
